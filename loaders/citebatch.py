@@ -1,0 +1,40 @@
+"""The minibatch that the data layer hands to a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class CiteBatch:
+    """One minibatch of CITE-seq cells, aligned to a registry's genes and proteins.
+
+    Attributes:
+        rna: ``[B, G] float32`` raw RNA counts in reference gene order.
+        protein: ``[B, T] float32`` raw protein counts in reference protein order; zero where not measured.
+        protein_mask: ``[B, T] bool``; True where the protein was measured for that cell. Unmeasured
+            entries must be left out of any likelihood (they are not true zeros).
+        batch: ``[B] int64`` batch covariate code (index into the registry's batch categories).
+        label: ``[B] int64`` label code; -1 means unlabeled / no label column.
+        cell_id: ``[B] int64`` global cell id in the collection, used to write results back.
+    """
+
+    rna: torch.Tensor
+    protein: torch.Tensor
+    protein_mask: torch.Tensor
+    batch: torch.Tensor
+    label: torch.Tensor
+    cell_id: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.rna.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "CiteBatch":
+        """Returns a copy with every tensor moved to ``device``."""
+        return CiteBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+    def pin_memory(self) -> "CiteBatch":
+        """Pins every tensor (called by torch's DataLoader when ``pin_memory=True``)."""
+        return CiteBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})

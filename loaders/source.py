@@ -1,0 +1,70 @@
+"""The ``Source`` protocol: one study in one backend.
+
+A Source knows its cells, genes, proteins and obs columns, and reads rows for sorted cell ids. It does no
+shuffling and knows nothing of torch: ordering is the Plan's job, batching the Stream's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass
+class SourceRows:
+    """Rows read from one Source, in the order of the ids asked for.
+
+    Attributes:
+        rna: ``[n, n_genes]`` CSR matrix of float32 counts, columns in the Source's own gene order.
+        protein: ``[n, n_proteins]`` float32 counts, columns in the Source's own protein order.
+    """
+
+    rna: sp.csr_matrix
+    protein: np.ndarray
+
+
+@runtime_checkable
+class Source(Protocol):
+    """One study stored in one backend.
+
+    Attributes:
+        name: study name, used as the study covariate and in every error message.
+        n_obs: number of cells.
+        gene_names: ``[n_genes]`` array of str, unique.
+        protein_names: ``[n_proteins]`` array of str, unique.
+        obs_columns: names of the per-cell annotation columns that ``obs_column`` can return.
+        protein_panels: ``[n_panels, n_proteins] bool``: which proteins each panel measured. A source
+            whose cells all measured every protein has one all-True panel.
+    """
+
+    name: str
+    n_obs: int
+    gene_names: np.ndarray
+    protein_names: np.ndarray
+    obs_columns: list[str]
+    protein_panels: np.ndarray
+
+    def obs_column(self, key: str) -> np.ndarray:
+        """Returns one obs column for every cell, as an ``[n_obs]`` array of str (or numbers).
+
+        Raises:
+            StoreFormatError: the column does not exist (the message lists the columns that do).
+        """
+        ...
+
+    def protein_panel_codes(self) -> np.ndarray:
+        """Returns ``[n_obs] int`` indexes into ``protein_panels``: which panel each cell was measured with."""
+        ...
+
+    def read(self, ids: np.ndarray) -> SourceRows:
+        """Reads RNA and protein rows for ``ids`` (sorted, unique, int64, in ``[0, n_obs)``).
+
+        Implementations read each modality once per call and should coalesce contiguous runs of ids.
+
+        Raises:
+            InvalidCountsError: a row holds NaN, infinite or negative counts (names study, cell, column).
+        """
+        ...
