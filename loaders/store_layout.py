@@ -1,0 +1,123 @@
+"""The streamtotal store: an AnnData zarr store that trains fast and that any AnnData reader can open.
+
+Layout (zarr format 2, readable by ``anndata.read_zarr`` and written by ``ZarrStoreWriter``)::
+
+    <store>.zarr/
+      .zattrs            encoding-type "anndata", encoding-version "0.1.0"
+      .zmetadata         consolidated metadata: one request opens the whole store (matters on S3)
+      X/                 encoding-type "csr_matrix", shape [n_cells, n_genes]; raw RNA counts
+        data             float32 [nnz], chunks of ~chunk_cells cells' worth of entries, Blosc lz4 bitshuffle
+        indices          int32   [nnz], same chunking and codec
+        indptr           int64   [n_cells + 1] (int64: atlases pass 2**31 non-zeros)
+      obsm/protein_expression   float32 [n_cells, n_proteins] dense, chunks of whole rows (cell blocks)
+      obs/               input obs columns (strings stored as categoricals, categoricals kept) plus
+                         ``_protein_panel`` (int16 code into uns/streamtotal/protein_panels)
+      var/               index = gene names (unique)
+      uns/protein_names  str [n_proteins] (unique), column names of obsm/protein_expression
+      uns/streamtotal/   format_version, protein_panels bool [P, n_proteins], panel_key (str, "" = none),
+                         panel_groups str [G], panel_of_group int [G], n_cells, n_genes, n_proteins,
+                         source_file
+      layers/ obsp/ varm/ varp/   empty (AnnData expects them)
+
+Why zarr format 2: anndata 0.12 writes it by default and every AnnData tool, zarr-python 2 and R
+readers open it; zarr-python 3 decodes it as fast as format 3 (same codec pipeline; measured), and its
+chunk files are simple enough for ``zarr_chunk_reader`` to decode directly, which is what makes reads
+fast (zarr-python 3's own per-chunk overhead capped reads at ~30k cells/s on 2 cores). anndata has
+announced format 3 as its next default; our stores stay readable either way, and format 3 sharding
+(fewer objects on S3) can come later behind ``StoreLayoutConfig``.
+
+Why Blosc lz4 with bitshuffle: at 10x-like densities it reads fastest of what we measured and it halves
+the store (benchmarks/store_read_speed.py, 2 cores, 64 random 64-cell chunks per read). At 200
+non-zeros a cell: lz4 ~100-130k cells/s, Blosc zstd ~73k, uncompressed ~160k; at 2,000 non-zeros a
+cell (10x-like, 20k genes): lz4 ~38k, uncompressed ~30k (more bytes to move), zstd ~21k. zstd stores
+are ~2.5x smaller than lz4: pick ``codec="zstd"`` for network storage where bytes cost more than CPU.
+
+Why ~chunk_cells cells per chunk: training reads random runs of a few dozen cells; a chunk much larger
+than a run is decoded mostly to be thrown away, a much smaller one costs a file read per few cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numcodecs
+
+FORMAT_VERSION = 1
+"""Version of this layout, stored in ``uns/streamtotal/format_version``; bump on incompatible change."""
+
+ZARR_FORMAT = 2
+"""Zarr on-disk format of the stores we write."""
+
+RNA_KEY = "X"
+"""Group holding raw RNA counts (CSR)."""
+
+PROTEIN_OBSM_KEY = "protein_expression"
+"""Key under ``obsm`` of the dense protein count matrix."""
+
+PROTEIN_NAMES_UNS_KEY = "protein_names"
+"""Key under ``uns`` of the protein names (order of the protein matrix columns)."""
+
+PANEL_OBS_COLUMN = "_protein_panel"
+"""obs column holding each cell's protein panel code (index into ``protein_panels``)."""
+
+META_UNS_KEY = "streamtotal"
+"""Key under ``uns`` of the store's metadata dict."""
+
+ANNDATA_ENCODING = {"encoding-type": "anndata", "encoding-version": "0.1.0"}
+CSR_ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
+DENSE_ENCODING = {"encoding-type": "array", "encoding-version": "0.2.0"}
+DICT_ENCODING = {"encoding-type": "dict", "encoding-version": "0.1.0"}
+
+
+@dataclass(frozen=True)
+class StoreLayoutConfig:
+    """How a store's arrays are chunked and compressed. Readers do not need it: zarr records it."""
+
+    chunk_cells: int = 128
+    """Target number of cells per chunk. X data/indices chunks hold about this many cells' non-zeros
+    (estimated from the first appended block); protein chunks hold at least this many whole rows."""
+
+    min_chunk_elements: int = 16_384
+    """Lower bound on elements per chunk, so very sparse or narrow data does not make tiny chunks."""
+
+    max_chunk_elements: int = 1 << 20
+    """Upper bound on elements per chunk (4 MiB of float32), so dense data does not make huge chunks."""
+
+    codec: str | None = "lz4"
+    """Blosc compressor name (``lz4``, ``zstd``, ``blosclz``, ...); None stores chunks uncompressed
+    (fastest from a local page cache, ~2x larger)."""
+
+    clevel: int = 5
+    """Blosc compression level (lz4 decodes at the same speed at every level)."""
+
+    bitshuffle: bool = True
+    """Bit shuffle before compressing (smaller for small integer counts); False = byte shuffle."""
+
+    indptr_chunk: int = 1 << 20
+    """Chunk length of ``X/indptr``; it is read whole when a store is opened."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_cells < 1:
+            raise ValueError(f"StoreLayoutConfig.chunk_cells must be >= 1, got {self.chunk_cells}")
+        if not 1 <= self.min_chunk_elements <= self.max_chunk_elements:
+            raise ValueError(
+                "StoreLayoutConfig needs 1 <= min_chunk_elements <= max_chunk_elements, got "
+                f"{self.min_chunk_elements} and {self.max_chunk_elements}"
+            )
+
+    def compressor(self) -> numcodecs.Blosc | None:
+        """Returns the numcodecs compressor for every array of the store (None: uncompressed)."""
+        if self.codec is None:
+            return None
+        shuffle = numcodecs.Blosc.BITSHUFFLE if self.bitshuffle else numcodecs.Blosc.SHUFFLE
+        return numcodecs.Blosc(cname=self.codec, clevel=self.clevel, shuffle=shuffle)
+
+    def nnz_chunk(self, mean_nnz_per_cell: float) -> int:
+        """Returns the chunk length of X data/indices for a given mean number of non-zeros per cell."""
+        target = int(round(max(mean_nnz_per_cell, 1.0) * self.chunk_cells))
+        return int(min(max(target, self.min_chunk_elements), self.max_chunk_elements))
+
+    def row_chunk(self, n_columns: int) -> int:
+        """Returns rows per chunk of a dense ``[n_cells, n_columns]`` matrix."""
+        rows = max(self.chunk_cells, self.min_chunk_elements // max(n_columns, 1))
+        return int(max(1, min(rows, self.max_chunk_elements // max(n_columns, 1))))

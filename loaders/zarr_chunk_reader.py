@@ -1,0 +1,83 @@
+"""Reads row ranges of a local zarr format 2 array by decoding its chunk files directly.
+
+Why not zarr's own reads: zarr-python 3 spends ~0.5 ms of event-loop and thread hand-off per chunk, so a
+training read touching ~300 chunks ran at ~30k cells/s on 2 cores; decoding the same chunks directly
+runs at 100-130k (benchmarks/store_read_speed.py, 200 non-zeros a cell). The zarr v2 chunk format is
+a frozen spec (one file per chunk named by its grid position, compressor then filters, fill value for
+absent chunks), so reading it directly is safe. Anything this reader does not handle (format 3, object
+dtypes, remote stores, arrays chunked along columns) is left to zarr: ``for_array`` returns None.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+from numcodecs.compat import ensure_ndarray_like
+from zarr.storage import LocalStore
+
+
+class LocalChunkReader:
+    """Reads ``[start, stop)`` row ranges (axis 0) of one local zarr v2 array."""
+
+    def __init__(self, directory: Path, metadata, dtype: np.dtype) -> None:
+        """Use ``for_array``; this takes the array's directory, its v2 metadata and native dtype."""
+        self._dir = directory
+        self._chunks = tuple(int(c) for c in metadata.chunks)
+        self._rows = self._chunks[0]
+        self._sep = metadata.dimension_separator
+        self._order = metadata.order
+        self._compressor = metadata.compressor
+        self._filters = tuple(metadata.filters or ())
+        self._dtype = dtype
+        fill = metadata.fill_value
+        self._fill = 0 if fill is None else fill
+        self._key_suffix = "".join(f"{self._sep}0" for _ in self._chunks[1:])
+
+    @classmethod
+    def for_array(cls, array: zarr.Array) -> LocalChunkReader | None:
+        """Returns a reader for ``array``, or None where zarr's own reads must be used."""
+        meta = array.metadata
+        store = array.store
+        if meta.zarr_format != 2 or not isinstance(store, LocalStore):
+            return None
+        dtype = np.dtype(meta.dtype.to_native_dtype())
+        if dtype.kind not in "biuf" or len(meta.shape) not in (1, 2):
+            return None
+        if len(meta.shape) == 2 and meta.chunks[1] < meta.shape[1]:
+            return None
+        return cls(Path(store.root) / array.path, meta, dtype)
+
+    def read_ranges(self, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
+        """Returns rows ``starts[i]:stops[i]`` for each i; each chunk is decoded once."""
+        c = self._rows
+        first, last = starts // c, (stops - 1) // c
+        decoded = {int(j): self._chunk(int(j)) for j in np.unique(np.concatenate(
+            [np.arange(a, b + 1) for a, b in zip(first, last)]
+        ))} if len(starts) else {}
+        parts = []
+        for a, b, ja, jb in zip(starts.tolist(), stops.tolist(), first.tolist(), last.tolist()):
+            if ja == jb:
+                parts.append(decoded[ja][a - ja * c : b - ja * c])
+            else:
+                parts.append(np.concatenate(
+                    [decoded[j][max(a - j * c, 0) : min(b - j * c, c)] for j in range(ja, jb + 1)]
+                ))
+        return parts
+
+    def _chunk(self, index: int) -> np.ndarray:
+        path = self._dir / f"{index}{self._key_suffix}"
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            # zarr does not write chunks that hold only the fill value.
+            return np.full(self._chunks, self._fill, dtype=self._dtype)
+        buf = self._compressor.decode(raw) if self._compressor is not None else raw
+        for f in reversed(self._filters):
+            buf = f.decode(buf)
+        arr = ensure_ndarray_like(buf).view(self._dtype)
+        if arr.size == int(np.prod(self._chunks)):
+            return arr.reshape(self._chunks, order=self._order)
+        # Some writers store a short last chunk; rows past the end are never asked for.
+        return arr.reshape((-1, *self._chunks[1:]), order=self._order)
