@@ -1,0 +1,148 @@
+"""Training throughput and quality: streamtotal (streaming from Zarr) against scvi-tools TOTALVI (in memory).
+
+Both train the same architecture (20 latent, 256 hidden, 2 encoder layers, 1 decoder layer), batch size and
+number of epochs on the same simulated data, each in its own process (so peak RSS is each one's own), one
+after the other (so they do not compete for the 2 cores). Both hold out the same validation cells (scvi-tools
+through ``external_indexing``) and report the per-cell negative ELBO at KL weight 1 on them.
+
+Prints one JSON object. Usage:
+
+    python benchmarks/train_throughput.py [--cells 20000 --genes 2000 --proteins 50 --epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def prepare(args: argparse.Namespace, work: Path) -> None:
+    from loaders.ingest import ingest
+    from loaders.plan import split_validation
+    from streamtotal.simulate import CiteSimulator, SimulationConfig
+
+    sim = CiteSimulator(SimulationConfig(n_cells=args.cells, n_genes=args.genes, n_proteins=args.proteins,
+                                         n_batches=2, n_cell_types=8, n_missing_proteins=0, seed=args.seed))
+    sim.to_anndata().write_h5ad(work / "data.h5ad")
+    ingest(work / "data.h5ad", work / "data.zarr", batch_key="batch", progress=False)
+    train_ids, val_ids = split_validation(args.cells, 0.1, args.seed)
+    np.save(work / "train_ids.npy", train_ids)
+    np.save(work / "val_ids.npy", val_ids)
+
+
+def run_scvi(args: argparse.Namespace, work: Path) -> dict:
+    import anndata as ad
+    import scvi
+    import torch
+
+    scvi.settings.seed = args.seed
+    scvi.settings.dl_num_workers = 0
+    train_ids, val_ids = np.load(work / "train_ids.npy"), np.load(work / "val_ids.npy")
+    t0 = time.perf_counter()
+    adata = ad.read_h5ad(work / "data.h5ad")
+    scvi.model.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression", batch_key="batch")
+    model = scvi.model.TOTALVI(adata, n_latent=20)
+    t1 = time.perf_counter()
+    model.train(max_epochs=args.epochs, batch_size=256, accelerator="cpu", devices=1,
+                external_indexing=[train_ids, val_ids, np.array([], dtype=np.int64)],
+                enable_progress_bar=False, logger=False, enable_checkpointing=False)
+    t2 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    neg_elbo = -float(model.get_elbo(adata=adata, indices=val_ids, batch_size=1024))
+    return {
+        "cells_per_s": len(train_ids) * args.epochs / (t2 - t1),
+        "cells_per_s_end_to_end": len(train_ids) * args.epochs / (t2 - t0),
+        "train_seconds": t2 - t1, "setup_seconds": t1 - t0,
+        "val_neg_elbo": neg_elbo, "peak_rss_mib": peak_rss_mib(), "torch_threads": torch.get_num_threads(),
+        "version": scvi.__version__,
+    }
+
+
+def run_streamtotal(args: argparse.Namespace, work: Path) -> dict:
+    import torch
+
+    from streamtotal.config import DataConfig, RunConfig, TrainConfig
+    from streamtotal.training.trainer import Trainer
+    from streamtotal.training.validation import evaluate_elbo
+
+    config = RunConfig(data=DataConfig(stores=(str(work / "data.zarr"),), batch_key="batch"),
+                       train=TrainConfig(max_epochs=args.epochs, batch_size=256, seed=args.seed, progress=False,
+                                         checkpoint_every_steps=10**9, num_workers=args.num_workers))
+    t0 = time.perf_counter()
+    trainer = Trainer(config, work / "run")
+    t1 = time.perf_counter()
+    summary = trainer.fit()
+    t2 = time.perf_counter()
+    assert np.array_equal(trainer.val_ids, np.load(work / "val_ids.npy")), "validation cells differ from scvi's"
+    val = evaluate_elbo(trainer.model, trainer.collection, trainer.val_ids, dist=trainer.dist,
+                        device=trainer.device, batch_size=1024, seed=args.seed)
+    return {
+        "cells_per_s": len(trainer.train_ids) * summary.epochs / (t2 - t1),
+        "cells_per_s_end_to_end": len(trainer.train_ids) * summary.epochs / (t2 - t0),
+        "train_seconds": t2 - t1, "setup_seconds": t1 - t0,
+        "val_neg_elbo": val["neg_elbo"], "peak_rss_mib": peak_rss_mib(), "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", type=int, default=20000)
+    p.add_argument("--genes", type=int, default=2000)
+    p.add_argument("--proteins", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0, help="streamtotal DataLoader workers")
+    p.add_argument("--workdir", help="keep data here (default: a temp dir)")
+    p.add_argument("--only", choices=["scvi", "streamtotal"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.only:
+        work = Path(args.workdir)
+        result = run_scvi(args, work) if args.only == "scvi" else run_streamtotal(args, work)
+        print("RESULT " + json.dumps(result))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        prepare(args, work)
+        results = {}
+        for name in ("scvi", "streamtotal"):
+            cmd = [sys.executable, __file__, "--only", name, "--workdir", str(work), "--cells", str(args.cells),
+                   "--genes", str(args.genes), "--proteins", str(args.proteins), "--epochs", str(args.epochs),
+                   "--seed", str(args.seed), "--num-workers", str(args.num_workers)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+                raise SystemExit(f"{name} run failed")
+            results[name] = json.loads(lines[-1][len("RESULT "):])
+        s, r = results["streamtotal"], results["scvi"]
+        print(json.dumps({
+            "benchmark": "train_throughput",
+            "data": {"cells": args.cells, "genes": args.genes, "proteins": args.proteins, "epochs": args.epochs,
+                     "batch_size": 256, "validation_cells": int(len(np.load(work / "val_ids.npy")))},
+            "cpu_count": os.cpu_count(),
+            "scvi_tools": r,
+            "streamtotal": s,
+            "throughput_ratio": s["cells_per_s"] / r["cells_per_s"],
+            "throughput_ratio_end_to_end": s["cells_per_s_end_to_end"] / r["cells_per_s_end_to_end"],
+            "val_neg_elbo_relative_gap": (s["val_neg_elbo"] - r["val_neg_elbo"]) / abs(r["val_neg_elbo"]),
+        }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""``streamtotal train``: train totalVI streaming from one or more stores (single process or under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from streamtotal.config import RunConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train totalVI streaming from stores",
+        description="Trains totalVI on STORE(s), streaming minibatches. Settings come from the defaults, then "
+        "--config FILE.toml ([data], [model], [train] tables; see the README's config reference), then flags. "
+        "The resolved config is written to RUN_DIR/config.toml. Under torchrun every rank runs this command.",
+    )
+    p.add_argument("stores", nargs="*", help="Zarr stores or .h5ad files (several = several studies)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final model)")
+    p.add_argument("--config", help="TOML run config")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out (starts fresh if there is none)")
+    g = p.add_argument_group("data")
+    g.add_argument("--batch-key", help="obs column of the batch covariate (default: one batch per study)")
+    g.add_argument("--labels-key", help="obs column of cell-type labels")
+    g.add_argument("--protein-key", help="obsm key of protein counts (default protein_expression)")
+    g.add_argument("--gene-join", choices=["inner", "outer"], help="combine genes of several studies")
+    m = p.add_argument_group("model")
+    m.add_argument("--n-latent", type=int, help="latent dimensions (default 20)")
+    m.add_argument("--n-hidden", type=int, help="hidden units per layer (default 256)")
+    m.add_argument("--latent-library", action="store_true", default=None,
+                   help="model the library size as latent (default: observed)")
+    m.add_argument("--no-empirical-prior", dest="empirical_prior", action="store_false", default=None,
+                   help="fixed protein background prior instead of the empirical per-batch one")
+    m.add_argument("--adversarial", action="store_true", default=None, help="add an adversarial batch classifier")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, help="epochs (default: scvi-tools' rule from the number of cells)")
+    t.add_argument("--batch-size", type=int, help="cells per minibatch (default 256)")
+    t.add_argument("--lr", type=float, help="learning rate (default 4e-3)")
+    t.add_argument("--seed", type=int, help="seed of init, data order and validation split (default 0)")
+    t.add_argument("--validation-fraction", type=float, help="held-out fraction (default 0.1)")
+    t.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0: a reader thread)")
+    t.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 500)")
+    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Defaults, then --config, then flags."""
+    config = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    overrides = {
+        "data": {"stores": list(args.stores) or None, "batch_key": args.batch_key, "labels_key": args.labels_key,
+                 "protein_key": args.protein_key, "gene_join": args.gene_join},
+        "model": {"n_latent": args.n_latent, "n_hidden": args.n_hidden, "latent_library": args.latent_library,
+                  "empirical_protein_background_prior": args.empirical_prior,
+                  "adversarial_classifier": args.adversarial},
+        "train": {"max_epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                  "validation_fraction": args.validation_fraction, "num_workers": args.num_workers,
+                  "checkpoint_every_steps": args.checkpoint_every, "device": args.device, "threads": args.threads,
+                  "progress": False if args.no_progress else None},
+    }
+    return config.with_overrides(overrides)
+
+
+def run(args: argparse.Namespace) -> None:
+    from streamtotal.training.trainer import Trainer
+
+    trainer = Trainer(config_from_args(args), args.out, resume=args.resume)
+    summary = trainer.fit()
+    if trainer.dist.is_main:
+        print(json.dumps({"run_dir": str(args.out), "steps": summary.steps, "epochs": summary.epochs,
+                          "cells_per_s": round(summary.cells_per_second, 1),
+                          "validation_neg_elbo": summary.validation.get("neg_elbo"),
+                          "stopped_early": summary.stopped_early}))
+    trainer.dist.close()

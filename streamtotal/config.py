@@ -1,0 +1,154 @@
+"""The run configuration: what data, which model, how to train. Written into every run directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from streamtotal.config_io import dumps_toml, from_dict, read_toml, to_dict
+from streamtotal.errors import ConfigError
+from streamtotal.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which stores to stream and how to read them."""
+
+    stores: tuple[str, ...] = ()
+    """Store paths or URLs (Zarr stores, ``.h5ad`` files); several stores are several studies."""
+    batch_key: str | None = None
+    """obs column with the batch covariate; None = one batch per study."""
+    labels_key: str | None = None
+    """obs column with cell-type labels (used by totalANVI and reports); None = no labels."""
+    unlabeled_category: str = "unlabeled"
+    """Label value that means "no label"."""
+    protein_key: str = "protein_expression"
+    """obsm key holding the protein counts (AnnData-layout stores)."""
+    gene_join: Literal["inner", "outer"] = "inner"
+    """How genes of several studies are combined: intersection, or union with zero-fill."""
+    min_gene_overlap: float = 0.5
+    """A study sharing less than this fraction of the reference genes is refused."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. Defaults follow scvi-tools TOTALVI so that results are comparable."""
+
+    max_epochs: int | None = None
+    """Epochs to train; None = scvi-tools' rule: min(400, round(400 * 20000 / n_cells)), at least 1."""
+    batch_size: int = 256
+    """Cells per minibatch (per process under DDP)."""
+    lr: float = 4e-3
+    """Adam learning rate."""
+    eps: float = 0.01
+    """Adam epsilon (scvi-tools TOTALVI uses 0.01)."""
+    weight_decay: float = 1e-6
+    """Adam weight decay."""
+    kl_warmup_fraction: float = 0.75
+    """KL warm-up length as a fraction of the planned total steps, so it always finishes (0 = no warm-up)."""
+    validation_fraction: float = 0.1
+    """Fraction of cells held out (chosen deterministically from the seed) for validation."""
+    reduce_lr_on_plateau: bool = True
+    """Multiply the learning rate by ``lr_factor`` when the validation loss has not improved for
+    ``lr_patience`` epochs (as scvi-tools TOTALVI)."""
+    lr_factor: float = 0.6
+    """Learning-rate decay factor on plateau."""
+    lr_patience: int = 30
+    """Epochs without improvement before the learning rate decays."""
+    early_stopping_patience: int = 45
+    """Stop after this many epochs without validation improvement; 0 = never."""
+    adversarial_lr: float = 1e-3
+    """Learning rate of the adversarial batch classifier (when the model has one)."""
+    checkpoint_every_steps: int = 500
+    """Write a checkpoint every this many optimiser steps (and always at the end of an epoch)."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep in the run directory (older ones are deleted after a new one lands)."""
+    log_every_steps: int = 20
+    """Write training metrics to ``metrics.jsonl`` every this many steps."""
+    seed: int = 0
+    """Seed of the model initialisation, the data order and the validation split."""
+    chunk_size: int = 64
+    """Cells per contiguous chunk: the unit of the global shuffle."""
+    io_chunks: int = 64
+    """Chunks read per I/O batch; rows are shuffled in memory within it."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 = read in a background thread of the main process)."""
+    prefetch_batches: int = 2
+    """I/O batches read ahead of the one being consumed."""
+    threads: int = 0
+    """torch CPU threads; 0 = torch's default."""
+    device: str = "auto"
+    """"auto" (CUDA if available, else CPU), "cpu", or "cuda[:N]"."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ConfigError(f"train.max_epochs must be >= 1, got {self.max_epochs}")
+        if self.batch_size < 2:
+            raise ConfigError(f"train.batch_size must be >= 2 (batch norm needs two cells), got {self.batch_size}")
+        if not 0.0 <= self.kl_warmup_fraction <= 1.0:
+            raise ConfigError(f"train.kl_warmup_fraction must be in [0, 1], got {self.kl_warmup_fraction}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"train.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        for name in ("lr", "eps", "chunk_size", "io_chunks", "checkpoint_every_steps", "log_every_steps",
+                     "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.prefetch_batches < 0 or self.threads < 0 or self.early_stopping_patience < 0:
+            raise ConfigError("train.num_workers, prefetch_batches, threads and early_stopping_patience must be >= 0")
+
+    def epochs_for(self, n_cells: int) -> int:
+        """The number of epochs to train on ``n_cells`` training cells."""
+        if self.max_epochs is not None:
+            return self.max_epochs
+        return max(1, min(400, round(400 * 20000 / max(n_cells, 1))))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs; saved as ``config.toml`` in the run directory."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """The stores and how to read them."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model's architecture and likelihood options."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation and data-order options."""
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The config as ``{"data": {...}, "model": {...}, "train": {...}}``."""
+        return {"data": to_dict(self.data), "model": to_dict(self.model), "train": to_dict(self.train)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> "RunConfig":
+        """Builds a RunConfig from nested dicts, refusing unknown sections and keys.
+
+        Raises:
+            ConfigError: unknown section or key, or an invalid value.
+        """
+        unknown = sorted(set(values) - {"data", "model", "train"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown section(s) {unknown}; valid sections are data, model, train")
+        return cls(
+            data=from_dict(DataConfig, values.get("data", {}), where=f"{where} [data]"),
+            model=from_dict(ModelConfig, values.get("model", {}), where=f"{where} [model]"),
+            train=from_dict(TrainConfig, values.get("train", {}), where=f"{where} [train]"),
+        )
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "RunConfig":
+        """Reads a run config from a TOML file with ``[data]``, ``[model]`` and ``[train]`` tables."""
+        return cls.from_dict(read_toml(path), where=str(path))
+
+    def to_toml(self) -> str:
+        """The config as TOML text."""
+        return dumps_toml(self.to_dict())
+
+    def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> "RunConfig":
+        """Returns a copy with ``{section: {key: value}}`` applied on top (None values are ignored)."""
+        merged = self.to_dict()
+        for section, values in overrides.items():
+            merged.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+        return RunConfig.from_dict(merged, where="command line")

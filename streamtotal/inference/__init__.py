@@ -1,0 +1,1 @@
+"""Inference over streamed stores: latent embeddings (and, later, the totalVI guide's downstream analyses)."""

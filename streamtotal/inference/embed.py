@@ -1,0 +1,127 @@
+"""``streamtotal embed``: the latent posterior mean of every cell, streamed and written back chunk by chunk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from loaders.obsm_writer import ObsmWriter
+from loaders.stream import StreamConfig
+from loaders.stream_loader import StreamLoader
+from streamtotal.data import open_collection
+from streamtotal.training.run_dir import load_trained
+from streamtotal.training.trainer import resolve_device
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+@dataclass
+class EmbedResult:
+    """What ``embed`` did.
+
+    Attributes:
+        n_cells: cells embedded.
+        key: the obsm key written (None when not written back).
+        latent: the ``[n_cells, n_latent]`` matrix when ``return_latent`` was asked for, else None.
+        exported: the AnnData file written, if any.
+    """
+
+    n_cells: int
+    key: str | None
+    latent: np.ndarray | None
+    exported: Path | None
+
+
+@torch.no_grad()
+def embed(
+    run_dir: str | Path,
+    store: str,
+    *,
+    key: str | None = "X_streamtotal",
+    export_h5ad: str | Path | None = None,
+    return_latent: bool = False,
+    batch_size: int = 4096,
+    device: str = "auto",
+    progress: bool = True,
+) -> EmbedResult:
+    """Computes the latent mean of every cell of ``store`` with the model of ``run_dir``.
+
+    The store is aligned onto the model's registry by gene and protein names; its batches must be among the
+    model's (new batches need query mapping).
+
+    Args:
+        run_dir: a training run directory.
+        store: the store to embed (often the training store itself).
+        key: obsm key to write the latent into; None to not write back.
+        export_h5ad: also write an AnnData (obs of the store + the latent in ``obsm[key]``) to this path.
+        return_latent: return the latent matrix in memory (only for data that fit).
+        batch_size: cells per forward pass.
+        device: "auto", "cpu" or "cuda[:N]".
+        progress: show a progress bar.
+
+    Returns:
+        An EmbedResult.
+    """
+    trained = load_trained(run_dir)
+    dev = resolve_device(device)
+    model = trained.model.to(dev).eval()
+    data = replace(trained.config.data, stores=(store,))
+    collection = open_collection(data, registry=trained.registry)
+    ids = np.arange(collection.n_obs, dtype=np.int64)
+    loader = StreamLoader(collection, ids, StreamConfig(batch_size=batch_size, shuffle=False, num_workers=0))
+    loader.set_epoch(0)
+    n_latent = trained.config.model.n_latent
+    writer = ObsmWriter(store, key, collection.n_obs, n_latent) if key else None
+    keep = np.zeros((collection.n_obs, n_latent), dtype=np.float32) if (return_latent or export_h5ad) else None
+    for batch in tqdm(loader, total=len(loader), desc="embed", unit="batch", disable=not progress):
+        gpu_batch = batch.to(dev)
+        z = model.encode(gpu_batch.rna, gpu_batch.protein, gpu_batch.protein_mask, gpu_batch.batch, give_mean=True)
+        z = z.float().cpu().numpy()
+        cell_ids = batch.cell_id.numpy()
+        if writer is not None:
+            writer.write_rows(cell_ids, z)
+        if keep is not None:
+            keep[cell_ids] = z
+    if writer is not None:
+        writer.commit()
+    exported = None
+    if export_h5ad:
+        exported = _export_anndata(collection, keep, key or "X_streamtotal", Path(export_h5ad))
+    return EmbedResult(n_cells=collection.n_obs, key=key, latent=keep if return_latent else None, exported=exported)
+
+
+def _export_anndata(collection, latent: np.ndarray, key: str, path: Path) -> Path:
+    """Writes the stores' obs columns and the latent as an h5ad (temp name, then rename)."""
+    import anndata as ad
+
+    adata = ad.AnnData(obs=collection_obs(collection), obsm={key: latent})
+    tmp = path.with_name(f".{path.name}.tmp")
+    adata.write_h5ad(tmp)
+    tmp.replace(path)
+    return path
+
+
+def collection_obs(collection) -> "pd.DataFrame":
+    """Every cell's obs columns (the union over studies; missing ones empty) plus ``study``, as categoricals."""
+    import pandas as pd
+
+    frames = []
+    for source in collection.sources:
+        columns = {c: source.obs_column(c) for c in source.obs_columns if not c.startswith("_")}
+        names = source.obs_names() if hasattr(source, "obs_names") else np.arange(source.n_obs).astype(str)
+        frame = pd.DataFrame(columns, index=pd.Index(np.asarray(names).astype(str)))
+        frame["study"] = source.name
+        frames.append(frame)
+    obs = pd.concat(frames)
+    for column in obs.columns:
+        if obs[column].dtype == object:
+            obs[column] = obs[column].fillna("").astype(str).astype("category")
+    if not obs.index.is_unique:
+        obs.index = [f"{study}:{name}" for study, name in zip(obs["study"], obs.index)]
+    return obs

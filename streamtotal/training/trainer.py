@@ -1,0 +1,340 @@
+"""The training loop: stream minibatches, step the optimiser, validate, checkpoint, resume exactly.
+
+Single-process and DDP runs share this code: ``DistContext`` says who we are, ``StreamLoader`` gives each rank
+its own share of the global order with the same number of steps, and only rank 0 writes anything.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from loaders.collection import Collection
+from loaders.plan import split_validation
+from loaders.registry import Registry
+from loaders.stream import StreamConfig
+from loaders.stream_loader import StreamLoader
+from streamtotal.config import RunConfig
+from streamtotal.data import open_collection
+from streamtotal.errors import CheckpointError, RunDirError
+from streamtotal.model.cpu_allocator import retain_freed_memory
+from streamtotal.model.kl_schedule import kl_weight
+from streamtotal.model.totalvi import TotalVI
+from streamtotal.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from streamtotal.training.distributed import DistContext
+from streamtotal.training.metrics_log import MetricsLog
+from streamtotal.training.priors import estimate_priors
+from streamtotal.training.run_dir import RunDir
+from streamtotal.training.validation import evaluate_elbo
+
+# Train-config fields that may differ between a run and its resumption: they change neither the data order
+# nor the optimisation.
+_RESUMABLE_CHANGES = {"progress", "device", "threads", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps"}
+
+
+@dataclass
+class TrainSummary:
+    """What a finished (or stopped) training run reports.
+
+    Attributes:
+        steps: optimiser steps taken in total.
+        epochs: epochs completed.
+        cells_per_second: training throughput of this invocation (cells seen / wall time of the loop).
+        validation: the last validation metrics (empty when there are no validation cells).
+        stopped_early: True when early stopping ended the run.
+    """
+
+    steps: int
+    epochs: int
+    cells_per_second: float
+    validation: dict
+    stopped_early: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    """Maps "auto" / "cpu" / "cuda[:N]" to a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Trains a totalVI model on a collection of stores.
+
+    Args:
+        config: the run configuration.
+        run_dir: where checkpoints, metrics and the final model go.
+        resume: continue from the newest checkpoint in ``run_dir`` (starts fresh when there is none).
+        collection: an already-open collection (else opened from ``config.data.stores``).
+
+    Raises:
+        RunDirError: ``run_dir`` already holds checkpoints and ``resume`` is False.
+        CheckpointError: the checkpoint does not match this config or data.
+    """
+
+    def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False,
+                 collection: Collection | None = None) -> None:
+        self.config = config
+        tc = config.train
+        self.device = resolve_device(tc.device)
+        self.dist = DistContext.from_environment(self.device)
+        if self.device.type == "cuda" and self.dist.world_size > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # 15-30% faster CPU steps: freed step buffers stay in the heap (see module)
+        self.run_dir = RunDir(run_dir)
+        self.collection = collection if collection is not None else open_collection(config.data)
+        self.registry: Registry = self.collection.registry
+
+        checkpoint = None
+        if self.run_dir.has_checkpoints():
+            if not resume:
+                raise RunDirError(
+                    f"{self.run_dir.path} already holds checkpoints; pass --resume to continue that run, "
+                    "or choose another --out"
+                )
+            checkpoint = load_checkpoint(latest_checkpoint(self.run_dir.path))
+            self._check_compatible(checkpoint)
+
+        self.train_ids, self.val_ids = split_validation(self.collection.n_obs, tc.validation_fraction, tc.seed)
+        self._seed_everything(tc.seed)
+        self.loader = StreamLoader(
+            self.collection,
+            self.train_ids,
+            StreamConfig(batch_size=tc.batch_size, chunk_size=tc.chunk_size, io_chunks=tc.io_chunks, shuffle=True,
+                         seed=tc.seed, num_workers=tc.num_workers, prefetch_batches=tc.prefetch_batches,
+                         pin_memory=self.device.type == "cuda"),
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        self.epochs = tc.epochs_for(len(self.train_ids))
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = self.epochs * self.steps_per_epoch
+
+        if checkpoint is None:
+            protein_prior, library_prior = estimate_priors(
+                self.collection, self.train_ids, self.registry.n_batch, seed=tc.seed,
+                progress=tc.progress and self.dist.is_main,
+            )
+        else:
+            protein_prior = library_prior = None  # the checkpoint's weights hold them
+        self.model = TotalVI(config.model, self.registry.n_genes, self.registry.n_proteins, self.registry.n_batch,
+                             protein_prior=protein_prior, library_prior=library_prior).to(self.device)
+        self.ddp_model = self.dist.wrap(self.model)
+        # Not the fused kernel: it saves ~2 ms of a ~25 ms CPU step, but a run resumed with it drifted from the
+        # uninterrupted run in the last bits (tests/streamtotal/test_trainer.py), and exact resume comes first.
+        self.optimizer = torch.optim.Adam(self.model.vae_parameters(), lr=tc.lr, eps=tc.eps,
+                                          weight_decay=tc.weight_decay)
+        self.adv_optimizer = None
+        if config.model.adversarial_classifier:
+            self.adv_optimizer = torch.optim.Adam(self.model.classifier_parameters(), lr=tc.adversarial_lr,
+                                                  eps=tc.eps, weight_decay=tc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=tc.lr_factor, patience=tc.lr_patience, threshold=0.0)
+        self.metrics = MetricsLog(self.run_dir.metrics_path, enabled=self.dist.is_main)
+
+        self.step = 0
+        self.epoch = 0
+        self.best_val = float("inf")
+        self.epochs_without_improvement = 0
+        self.stopped_early = False
+        self.last_validation: dict = {}
+        self._resume_mid_epoch = False
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        elif self.dist.is_main:
+            self.run_dir.write_config(config, self.registry)
+
+    # ---------------------------------------------------------------- checkpoint state
+    def _check_compatible(self, ckpt: dict) -> None:
+        saved = RunConfig.from_dict(ckpt["config"], where="checkpoint config")
+        if saved.model != self.config.model or saved.data != self.config.data:
+            raise CheckpointError(
+                f"the checkpoint in {self.run_dir.path} was trained with another [model] or [data] config; "
+                "resume with the run's own config.toml, or start a new run directory"
+            )
+        a, b = saved.to_dict()["train"], self.config.to_dict()["train"]
+        changed = sorted(k for k in a if a[k] != b[k] and k not in _RESUMABLE_CHANGES)
+        if changed:
+            raise CheckpointError(
+                f"cannot resume {self.run_dir.path}: train settings {changed} differ from the checkpoint's "
+                f"({ {k: a[k] for k in changed} }); they change the data order or the optimisation"
+            )
+        if Registry.from_dict(ckpt["registry"]) != self.registry:
+            raise CheckpointError(
+                f"the data in {list(self.config.data.stores)} no longer match the checkpoint's registry (genes, "
+                "proteins, batches or labels changed); resume on the same stores"
+            )
+
+    def _state(self) -> dict:
+        return {
+            "format": "streamtotal-checkpoint",
+            "version": 1,
+            "step": self.step,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "adv_optimizer": self.adv_optimizer.state_dict() if self.adv_optimizer else None,
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+            "train_state": {
+                "best_val": self.best_val,
+                "epochs_without_improvement": self.epochs_without_improvement,
+                "stopped_early": self.stopped_early,
+                "last_validation": self.last_validation,
+            },
+            "config": self.config.to_dict(),
+            "registry": self.registry.to_dict(),
+            "world_size": self.dist.world_size,
+        }
+
+    def _restore(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.adv_optimizer is not None and ckpt["adv_optimizer"] is not None:
+            self.adv_optimizer.load_state_dict(ckpt["adv_optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.loader.load_state_dict(ckpt["loader"])
+        self.step, self.epoch = ckpt["step"], ckpt["epoch"]
+        ts = ckpt["train_state"]
+        self.best_val = ts["best_val"]
+        self.epochs_without_improvement = ts["epochs_without_improvement"]
+        self.stopped_early = ts["stopped_early"]
+        self.last_validation = ts["last_validation"]
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self._resume_mid_epoch = ckpt["loader"]["epoch"] == self.epoch
+        self.metrics.truncate_after(self.step)
+
+    def _checkpoint(self) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir.path, self.step, self._state(), keep=self.config.train.keep_checkpoints)
+        self.dist.barrier()
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, stop_after_steps: int | None = None) -> TrainSummary:
+        """Trains until ``max_epochs`` (or early stopping), checkpointing as configured.
+
+        Args:
+            stop_after_steps: stop (without a checkpoint, as a killed job would) once this many optimiser steps
+                have been taken in total. For tests of resumption.
+
+        Returns:
+            A TrainSummary.
+        """
+        tc = self.config.train
+        start_step, start_time, cells = self.step, time.perf_counter(), 0
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train",
+                   disable=not (tc.progress and self.dist.is_main), dynamic_ncols=True)
+        self.model.train()
+        try:
+            while self.epoch < self.epochs and not self.stopped_early:
+                if self._resume_mid_epoch:
+                    self._resume_mid_epoch = False  # the loader already skips the batches this epoch consumed
+                else:
+                    self.loader.set_epoch(self.epoch)
+                window = torch.zeros(6, dtype=torch.float64)
+                window_start = time.perf_counter()
+                for batch in self.loader:
+                    n = len(batch)
+                    batch = batch.to(self.device, non_blocking=True)
+                    weight = kl_weight(self.step, self.total_steps, tc.kl_warmup_fraction)
+                    out = self._train_step(batch, weight)
+                    self.step += 1
+                    cells += n
+                    window += torch.tensor([out.loss.item() * n, out.rna_nll.sum().item(),
+                                            out.protein_nll.sum().item(), out.kl_z.sum().item(),
+                                            out.kl_background.sum().item(), n], dtype=torch.float64)
+                    bar.update(1)
+                    if self.step % tc.log_every_steps == 0:
+                        rate = float(window[-1]) / max(time.perf_counter() - window_start, 1e-9)
+                        self._log_train(window, weight, rate, bar)
+                        window.zero_()
+                        window_start = time.perf_counter()
+                    if stop_after_steps is not None and self.step >= stop_after_steps:
+                        return self._summary(start_step, start_time, cells)
+                    # The end-of-epoch checkpoint follows validation; one just before it would be redundant.
+                    if self.step % tc.checkpoint_every_steps == 0 and self.loader.batches_remaining > 0:
+                        self._checkpoint()
+                self._end_epoch()
+        finally:
+            bar.close()
+        if self.dist.is_main:
+            self.run_dir.write_final_model(self.model, self.config, self.registry)
+        return self._summary(start_step, start_time, cells)
+
+    def _train_step(self, batch, weight: float):
+        out = self.ddp_model(batch, kl_weight=weight)
+        loss = out.loss
+        if self.adv_optimizer is not None:
+            # As scvi-tools: the adversary pulls hardest early and fades out as the KL warm-up ends (1 - kl_weight).
+            loss = loss + self.model.adversarial_fool_loss(out.z, batch.batch) * (1.0 - weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.adv_optimizer is not None:
+            self.adv_optimizer.zero_grad(set_to_none=True)
+            self.model.adversarial_classifier_loss(out.z.detach(), batch.batch).backward()
+            self.adv_optimizer.step()
+        return out
+
+    def _log_train(self, window: torch.Tensor, weight: float, rate: float, bar: tqdm) -> None:
+        totals = self.dist.all_reduce_sum(window)
+        n = max(float(totals[-1]), 1.0)
+        record = {
+            "kind": "train", "step": self.step, "epoch": self.epoch, "loss": float(totals[0]) / n,
+            "rna_nll": float(totals[1]) / n, "protein_nll": float(totals[2]) / n, "kl_z": float(totals[3]) / n,
+            "kl_background": float(totals[4]) / n, "kl_weight": weight,
+            "lr": self.optimizer.param_groups[0]["lr"], "cells_per_s": rate * self.dist.world_size,
+        }
+        self.metrics.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.1f}", kl_w=f"{weight:.2f}", cells_s=f"{record['cells_per_s']:.0f}")
+
+    def _end_epoch(self) -> None:
+        tc = self.config.train
+        if len(self.val_ids):
+            self.last_validation = evaluate_elbo(self.model, self.collection, self.val_ids, dist=self.dist,
+                                                 device=self.device, batch_size=max(tc.batch_size, 1024),
+                                                 seed=tc.seed)
+            self.metrics.write({"kind": "validation", "step": self.step, "epoch": self.epoch,
+                                **{f"val_{k}": v for k, v in self.last_validation.items()}})
+            value = self.last_validation["neg_elbo"]
+            if tc.reduce_lr_on_plateau:
+                self.scheduler.step(value)
+            if value < self.best_val:
+                self.best_val, self.epochs_without_improvement = value, 0
+            else:
+                self.epochs_without_improvement += 1
+                if tc.early_stopping_patience and self.epochs_without_improvement >= tc.early_stopping_patience:
+                    self.stopped_early = True
+        self.epoch += 1
+        self._checkpoint()
+
+    def _summary(self, start_step: int, start_time: float, cells: int) -> TrainSummary:
+        elapsed = max(time.perf_counter() - start_time, 1e-9)
+        return TrainSummary(steps=self.step, epochs=self.epoch, cells_per_second=cells * self.dist.world_size / elapsed,
+                            validation=self.last_validation, stopped_early=self.stopped_early)

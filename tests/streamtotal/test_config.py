@@ -1,0 +1,39 @@
+import pytest
+
+from streamtotal.config import DataConfig, RunConfig, TrainConfig
+from streamtotal.errors import ConfigError
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = RunConfig(data=DataConfig(stores=("a.zarr", "b.zarr"), batch_key="batch"),
+                    train=TrainConfig(max_epochs=7, lr=1e-3, early_stopping_patience=0))
+    path = tmp_path / "run.toml"
+    path.write_text(cfg.to_toml())
+    assert RunConfig.from_toml(path) == cfg
+
+
+def test_unknown_key_names_section_and_valid_keys(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nlearning_rate = 0.1\n")
+    with pytest.raises(ConfigError, match=r"\[train\].*learning_rate.*valid keys"):
+        RunConfig.from_toml(path)
+
+
+def test_wrong_type_and_bad_value_are_refused(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nbatch_size = 'big'\n")
+    with pytest.raises(ConfigError, match="batch_size"):
+        RunConfig.from_toml(path)
+    with pytest.raises(ConfigError, match="kl_warmup_fraction"):
+        TrainConfig(kl_warmup_fraction=1.5)
+
+
+def test_overrides_apply_on_top_and_ignore_none():
+    cfg = RunConfig(train=TrainConfig(lr=0.5)).with_overrides({"train": {"lr": None, "batch_size": 128}})
+    assert cfg.train.lr == 0.5 and cfg.train.batch_size == 128
+
+
+def test_epoch_rule_follows_scvi_tools():
+    assert TrainConfig().epochs_for(20000) == 400
+    assert TrainConfig().epochs_for(1_000_000) == 8
+    assert TrainConfig(max_epochs=3).epochs_for(10) == 3

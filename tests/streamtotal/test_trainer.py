@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+
+from streamtotal.config import DataConfig, RunConfig, TrainConfig
+from streamtotal.errors import CheckpointError, RunDirError
+from streamtotal.model.config import ModelConfig
+from streamtotal.training.checkpoint import list_checkpoints
+from streamtotal.training.metrics_log import read_metrics
+from streamtotal.training.trainer import Trainer
+
+
+def _config(store, **train):
+    defaults = dict(max_epochs=2, batch_size=64, chunk_size=16, io_chunks=4, checkpoint_every_steps=3, seed=5,
+                    progress=False, log_every_steps=2)
+    defaults.update(train)
+    return RunConfig(data=DataConfig(stores=(str(store),), batch_key="batch", labels_key="cell_type"),
+                     model=ModelConfig(n_latent=4, n_hidden=32), train=TrainConfig(**defaults))
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run_exactly(small_store, tmp_path):
+    full = Trainer(_config(small_store), tmp_path / "full")
+    full.fit()
+    steps_per_epoch = full.steps_per_epoch
+    assert steps_per_epoch >= 6
+
+    killed_at = steps_per_epoch + 2  # mid second epoch, 2 steps past the last checkpoint boundary (every 3)
+    interrupted = Trainer(_config(small_store), tmp_path / "resumed")
+    interrupted.fit(stop_after_steps=killed_at)
+    newest = list_checkpoints(tmp_path / "resumed")[-1]
+    assert int(newest.stem.split("-")[1]) < killed_at  # the kill lost steps since the last checkpoint
+
+    resumed = Trainer(_config(small_store), tmp_path / "resumed", resume=True)
+    assert resumed.step < killed_at
+    resumed.fit()
+    assert resumed.step == full.step
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    steps = [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == sorted(set(steps)), "resumed metrics must not repeat steps"
+    assert steps == [r["step"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def test_existing_run_needs_resume_and_same_settings(small_store, tmp_path):
+    Trainer(_config(small_store, max_epochs=1), tmp_path / "run").fit()
+    with pytest.raises(RunDirError, match="--resume"):
+        Trainer(_config(small_store, max_epochs=1), tmp_path / "run")
+    with pytest.raises(CheckpointError, match="lr"):
+        Trainer(_config(small_store, max_epochs=1, lr=1e-2), tmp_path / "run", resume=True)
+
+
+def test_training_improves_validation_elbo_and_finishes_warmup(small_store, tmp_path):
+    trainer = Trainer(_config(small_store, max_epochs=6, checkpoint_every_steps=1000), tmp_path / "run")
+    summary = trainer.fit()
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    val = [r["val_neg_elbo"] for r in records if r["kind"] == "validation"]
+    assert len(val) == 6 and val[-1] < val[0]
+    kl = [r["kl_weight"] for r in records if r["kind"] == "train"]
+    assert kl[0] < 0.5 and kl[-1] == pytest.approx(1.0)
+    assert (tmp_path / "run" / "model.pt").is_file()
+    assert summary.validation["neg_elbo"] == pytest.approx(val[-1])
+    cfg = (tmp_path / "run" / "config.toml").read_text()
+    assert "batch_key = \"batch\"" in cfg
+    registry = json.loads((tmp_path / "run" / "registry.json").read_text())
+    assert registry["batch_categories"] == ["batch_0", "batch_1"]
