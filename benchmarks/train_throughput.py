@@ -26,6 +26,12 @@ import numpy as np
 
 
 def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a
+    child would report its parent's peak (the data generation) instead of its own."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -37,7 +43,7 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
     sim = CiteSimulator(SimulationConfig(n_cells=args.cells, n_genes=args.genes, n_proteins=args.proteins,
                                          n_batches=2, n_cell_types=8, n_missing_proteins=0, seed=args.seed))
     sim.to_anndata().write_h5ad(work / "data.h5ad")
-    ingest(work / "data.h5ad", work / "data.zarr", batch_key="batch", progress=False)
+    ingest(work / "data.h5ad", work / "data.zarr", batch_key="batch", progress=False, overwrite=True)
     train_ids, val_ids = split_validation(args.cells, 0.1, args.seed)
     np.save(work / "train_ids.npy", train_ids)
     np.save(work / "val_ids.npy", val_ids)
@@ -58,7 +64,7 @@ def run_scvi(args: argparse.Namespace, work: Path) -> dict:
     t1 = time.perf_counter()
     model.train(max_epochs=args.epochs, batch_size=256, accelerator="cpu", devices=1,
                 external_indexing=[train_ids, val_ids, np.array([], dtype=np.int64)],
-                enable_progress_bar=False, logger=False, enable_checkpointing=False)
+                enable_progress_bar=False)
     t2 = time.perf_counter()
     torch.manual_seed(args.seed)
     neg_elbo = -float(model.get_elbo(adata=adata, indices=val_ids, batch_size=1024))
