@@ -64,3 +64,18 @@ def test_training_improves_validation_elbo_and_finishes_warmup(small_store, tmp_
     assert "batch_key = \"batch\"" in cfg
     registry = json.loads((tmp_path / "run" / "registry.json").read_text())
     assert registry["batch_categories"] == ["batch_0", "batch_1"]
+
+
+def test_latent_library_adversary_fixed_prior_and_worker_processes(small_store, tmp_path):
+    config = _config(small_store, max_epochs=2, num_workers=2, checkpoint_every_steps=1000)
+    model = ModelConfig(n_latent=4, n_hidden=32, latent_library=True, adversarial_classifier=True,
+                        empirical_protein_background_prior=False)
+    config = RunConfig(data=config.data, model=model, train=config.train)
+    trainer = Trainer(config, tmp_path / "run")
+    summary = trainer.fit()
+    assert summary.steps == 2 * len(trainer.loader)
+    assert trainer.last_validation["kl_library"] > 0  # the library is a latent variable now
+    for name, value in trainer.model.state_dict().items():
+        assert torch.isfinite(value.float()).all(), name
+    classifier = dict(trainer.model.named_parameters())
+    assert any("classifier" in n for n in classifier), "the adversarial classifier was not built"
