@@ -37,3 +37,20 @@ def test_bad_input_gives_a_clear_error_and_exit_code_2(tmp_path, capsys):
 def test_train_without_stores_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "no stores given" in capsys.readouterr().err
+
+
+def test_train_streams_from_an_s3_url_with_credentials_from_the_environment(small_store, s3_server, tmp_path,
+                                                                             monkeypatch):
+    fs = s3_server.filesystem()
+    fs.mkdir("cli-bucket")
+    fs.put(str(small_store), "cli-bucket/small.zarr", recursive=True)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    run = tmp_path / "run"
+    assert main(["train", "s3://cli-bucket/small.zarr", "--out", str(run), "--batch-key", "batch", "--epochs", "1",
+                 "--batch-size", "64", "--n-latent", "3", "--no-progress"]) == 0
+    assert (run / "model.pt").is_file()
+    assert s3_server.secret not in (run / "config.toml").read_text()
+    assert 's3://cli-bucket/small.zarr' in (run / "config.toml").read_text()
