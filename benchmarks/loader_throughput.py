@@ -1,0 +1,232 @@
+"""Loader throughput, memory and shuffle quality: one shuffled epoch of RNA + protein from every backend.
+
+Simulated data (default 100,000 cells x 2,000 genes x 100 proteins, 4 batches stored contiguously, as studies
+are) is written once per backend; each measurement then runs in its own process, so its peak RSS (VmHWM) is its
+own, one after the other, so they do not compete for cores:
+
+- streamtotal from a local Zarr store, a backed h5ad file, the Zarr store on S3 (a moto server on 127.0.0.1, in
+  its own process), a TileDB-SOMA Experiment and a LaminDB collection (when those backends are installed);
+- the peers on the same files: tiledbsoma-ml 0.1.0 (RNA only: it has no protein path) on the same SOMA store,
+  and LaminDB's MappedCollection on the same h5ad.
+
+Shuffle quality: for every minibatch, the total-variation distance between its batch (study) composition and the
+whole data's; averaged, and scaled so 0 = as mixed as a full random permutation and 1 = as unmixed as reading in
+order. Prints one JSON object.
+
+    python benchmarks/loader_throughput.py [--cells 100000 --genes 2000 --proteins 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BATCH_SIZE = 256
+
+
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def mixing_tvd(batch_codes: np.ndarray, order: np.ndarray, batch_size: int) -> float:
+    """Mean total-variation distance between each minibatch's batch composition and the global one."""
+    n_cat = int(batch_codes.max()) + 1
+    overall = np.bincount(batch_codes, minlength=n_cat) / len(batch_codes)
+    tvds = []
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        counts = np.bincount(batch_codes[order[start : start + batch_size]], minlength=n_cat) / batch_size
+        tvds.append(0.5 * np.abs(counts - overall).sum())
+    return float(np.mean(tvds))
+
+
+# ----------------------------------------------------------------------------- data
+def prepare(args: argparse.Namespace, work: Path) -> dict:
+    from loaders.ingest import ingest
+    from streamtotal.simulate import CiteSimulator, SimulationConfig
+
+    sim = CiteSimulator(SimulationConfig(n_cells=args.cells, n_genes=args.genes, n_proteins=args.proteins,
+                                         n_batches=4, n_missing_proteins=0, seed=0))
+    adata = sim.to_anndata()
+    adata.obsm["protein_expression"] = adata.obsm["protein_expression"].to_numpy()
+    adata.write_h5ad(work / "data.h5ad")
+    np.save(work / "batch_codes.npy", adata.obs["batch"].cat.codes.to_numpy().astype(np.int64))
+    del adata
+    ingest(work / "data.h5ad", work / "data.zarr", batch_key="batch", progress=False, overwrite=True)
+    made = {"zarr": str(work / "data.zarr"), "h5ad": str(work / "data.h5ad")}
+    try:
+        from loaders.ingest import ingest_soma  # the TileDB-SOMA backend, when installed
+
+        ingest_soma(work / "data.h5ad", str(work / "data.soma"), batch_key="batch", progress=False)
+        made["soma"] = str(work / "data.soma")
+    except ImportError:
+        pass
+    return made
+
+
+def start_s3(work: Path, zarr_path: str) -> tuple[subprocess.Popen, dict]:
+    """Starts moto's S3 server in its own process on a free loopback port and uploads the Zarr store."""
+    import s3fs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.1)
+    fs = s3fs.S3FileSystem(key="bench", secret="bench", client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
+    fs.mkdir("bench")
+    fs.put(zarr_path, "bench/data.zarr", recursive=True)
+    return server, env
+
+
+# ----------------------------------------------------------------------------- one measurement per process
+def run_streamtotal(target: str, work: Path, num_workers: int) -> dict:
+    import torch
+
+    from loaders import Collection, StreamConfig, StreamLoader
+    from streamtotal.data import open_source
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    collection = Collection([open_source(target)], batch_key="batch")
+    loader = StreamLoader(collection, np.arange(collection.n_obs),
+                          StreamConfig(batch_size=BATCH_SIZE, seed=0, num_workers=num_workers))
+    loader.set_epoch(1)
+    t1 = time.perf_counter()
+    order, n = [], 0
+    for batch in loader:
+        n += len(batch)
+        order.append(batch.cell_id.numpy())
+        assert batch.protein.shape[1] > 0
+    t2 = time.perf_counter()
+    order = np.concatenate(order)
+    assert np.array_equal(np.sort(order), np.arange(collection.n_obs)), "an epoch must see every cell once"
+    np.save(work / f"order_{os.getpid()}.npy", order)
+    return {"cells_per_s": n / (t2 - t1), "open_seconds": t1 - t0, "cells": n, "modalities": "rna+protein",
+            "peak_rss_mib": peak_rss_mib(), "order_file": str(work / f"order_{os.getpid()}.npy")}
+
+
+def run_tiledbsoma_ml(target: str, work: Path, num_workers: int) -> dict:
+    import tiledbsoma
+    import tiledbsoma_ml
+    import torch
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    with tiledbsoma.Experiment.open(target) as exp:
+        with exp.axis_query(measurement_name="RNA") as query:
+            dataset = tiledbsoma_ml.ExperimentDataset(query, layer_name="data", batch_size=BATCH_SIZE, shuffle=True,
+                                                      seed=0, obs_column_names=["soma_joinid"])
+            loader = tiledbsoma_ml.experiment_dataloader(dataset, num_workers=num_workers)
+            t1 = time.perf_counter()
+            n, order = 0, []
+            for x, obs in loader:
+                n += x.shape[0]
+                order.append(obs["soma_joinid"].to_numpy())
+            t2 = time.perf_counter()
+    order = np.concatenate(order)
+    np.save(work / f"order_{os.getpid()}.npy", order)
+    return {"cells_per_s": n / (t2 - t1), "open_seconds": t1 - t0, "cells": n, "modalities": "rna",
+            "version": tiledbsoma_ml.__version__, "peak_rss_mib": peak_rss_mib(),
+            "order_file": str(work / f"order_{os.getpid()}.npy")}
+
+
+RUNNERS = {"streamtotal": run_streamtotal, "tiledbsoma_ml": run_tiledbsoma_ml}
+
+
+def child(args: argparse.Namespace) -> None:
+    result = RUNNERS[args.runner](args.target, Path(args.workdir), args.num_workers)
+    print("RESULT " + json.dumps(result))
+
+
+def measure(name: str, runner: str, target: str, work: Path, num_workers: int, env: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--child", runner, "--target", target, "--workdir", str(work),
+           "--num-workers", str(num_workers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {}),
+                                                                    "PYTHONWARNINGS": "ignore"})
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr or proc.stdout)[-1500:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", type=int, default=100_000)
+    p.add_argument("--genes", type=int, default=2000)
+    p.add_argument("--proteins", type=int, default=100)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--workdir")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--target", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.runner = args.child
+        return child(args)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        made = prepare(args, work)
+        results = {}
+        for backend in ("zarr", "h5ad", "soma"):
+            if backend in made:
+                results[f"streamtotal_{backend}"] = measure(backend, "streamtotal", made[backend], work,
+                                                            args.num_workers)
+        server, env = start_s3(work, made["zarr"])
+        try:
+            results["streamtotal_s3_zarr"] = measure("s3", "streamtotal", "s3://bench/data.zarr", work,
+                                                     args.num_workers, env)
+        finally:
+            server.terminate()
+        if "soma" in made:
+            results["tiledbsoma_ml_rna_only"] = measure("soma", "tiledbsoma_ml", made["soma"], work,
+                                                        args.num_workers)
+
+        codes = np.load(work / "batch_codes.npy")
+        rng = np.random.default_rng(0)
+        tvd_random = mixing_tvd(codes, rng.permutation(len(codes)), BATCH_SIZE)
+        tvd_ordered = mixing_tvd(codes, np.arange(len(codes)), BATCH_SIZE)
+        for r in results.values():
+            if "order_file" in r:
+                tvd = mixing_tvd(codes, np.load(r.pop("order_file")), BATCH_SIZE)
+                r["shuffle_tvd"] = tvd
+                r["shuffle_unmixed_score"] = (tvd - tvd_random) / (tvd_ordered - tvd_random)
+        ratios = {}
+        peer = results.get("tiledbsoma_ml_rna_only", {}).get("cells_per_s")
+        if peer:
+            for key in ("streamtotal_zarr", "streamtotal_soma"):
+                if "cells_per_s" in results.get(key, {}):
+                    ratios[f"{key}_vs_tiledbsoma_ml"] = results[key]["cells_per_s"] / peer
+        print(json.dumps({
+            "benchmark": "loader_throughput",
+            "data": {"cells": args.cells, "genes": args.genes, "proteins": args.proteins, "batch_size": BATCH_SIZE,
+                     "batches_stored_contiguously": 4},
+            "num_workers": args.num_workers, "cpu_count": os.cpu_count(),
+            "shuffle_reference": {"random_permutation_tvd": tvd_random, "in_order_tvd": tvd_ordered},
+            "results": results, "ratios": ratios,
+        }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
