@@ -48,7 +48,13 @@ class DistContext:
         if world_size <= 1:
             return cls()
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            # Each torchrun attempt gets its own key prefix in the rendezvous store: with the agent's store shared
+            # across restarts, a restarted gloo group read its dead predecessors' addresses and never connected.
+            store, rank, size = next(dist.rendezvous("env://"))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    store=dist.PrefixStore(f"streamtotal/attempt-{attempt}", store),
+                                    rank=rank, world_size=size)
         return cls(rank=dist.get_rank(), world_size=dist.get_world_size(),
                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 

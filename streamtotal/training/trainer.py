@@ -29,6 +29,7 @@ from streamtotal.model.totalvi import TotalVI
 from streamtotal.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from streamtotal.training.distributed import DistContext
 from streamtotal.training.metrics_log import MetricsLog
+from streamtotal.training.preemption import Preempted, PreemptionFlag, injected_failure_step
 from streamtotal.training.priors import estimate_priors
 from streamtotal.training.run_dir import RunDir
 from streamtotal.training.validation import evaluate_elbo
@@ -248,6 +249,8 @@ class Trainer:
         """
         tc = self.config.train
         start_step, start_time, cells = self.step, time.perf_counter(), 0
+        preemption = PreemptionFlag().install()
+        fail_at = injected_failure_step()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train",
                    disable=not (tc.progress and self.dist.is_main), dynamic_ncols=True)
         self.model.train()
@@ -277,15 +280,32 @@ class Trainer:
                         window_start = time.perf_counter()
                     if stop_after_steps is not None and self.step >= stop_after_steps:
                         return self._summary(start_step, start_time, cells)
+                    if fail_at is not None and self.step == fail_at:
+                        raise RuntimeError(f"injected failure after step {fail_at} (STREAMTOTAL_FAIL_AT_STEP)")
+                    if self._stop_requested(preemption):
+                        self._checkpoint()
+                        if self.dist.is_main:
+                            print(f"streamtotal: signal {preemption.signum or 'on another rank'} received; "
+                                  f"checkpointed step {self.step} in {self.run_dir.path}; rerun with --resume to "
+                                  "continue", flush=True)
+                        raise Preempted(preemption.signum or 15, self.step)
                     # The end-of-epoch checkpoint follows validation; one just before it would be redundant.
                     if self.step % tc.checkpoint_every_steps == 0 and self.loader.batches_remaining > 0:
                         self._checkpoint()
                 self._end_epoch()
         finally:
             bar.close()
+            preemption.uninstall()
         if self.dist.is_main:
             self.run_dir.write_final_model(self.model, self.config, self.registry)
         return self._summary(start_step, start_time, cells)
+
+    def _stop_requested(self, preemption: PreemptionFlag) -> bool:
+        """Whether any rank received a stop signal (all ranks must stop at the same step, or DDP hangs)."""
+        if not self.dist.is_distributed:
+            return preemption.requested
+        flag = torch.tensor([1.0 if preemption.requested else 0.0])
+        return bool(self.dist.all_reduce_sum(flag)[0] > 0)
 
     def _train_step(self, batch, weight: float):
         out = self.ddp_model(batch, kl_weight=weight)
