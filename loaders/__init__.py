@@ -52,3 +52,8 @@ __all__ += [
     "ingest",
     "validate_counts",
 ]
+
+# LaminDB: the h5ad / zarr artifacts of a Collection as Sources (lamindb is imported only when resolving).
+from loaders.lamin_sources import is_lamin_uri, lamin_sources, parse_lamin_uri  # noqa: E402
+
+__all__ += ["is_lamin_uri", "lamin_sources", "parse_lamin_uri"]

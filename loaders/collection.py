@@ -44,6 +44,7 @@ class Collection:
         n_obs: total number of cells.
         offsets: ``[n_sources + 1] int64``; study ``s`` owns global ids ``offsets[s]:offsets[s+1]``.
         registry: genes, proteins, categories and study panels the data is aligned to.
+        provenance: where the sources came from (see ``__init__``); ``{}`` when not given.
         batch_codes: ``[n_obs] int32`` batch code per cell (read-only).
         label_codes: ``[n_obs] int32`` label code per cell, -1 = unlabeled (read-only).
     """
@@ -59,6 +60,7 @@ class Collection:
         min_gene_overlap: float = 0.5,
         registry: Registry | None = None,
         allow_new_batches: bool = False,
+        provenance: dict | None = None,
     ) -> None:
         """Aligns the sources.
 
@@ -77,6 +79,9 @@ class Collection:
                 dropped with an ``AlignmentWarning``.
             allow_new_batches: with ``registry``, append unseen batch values after its categories
                 (reference mapping) instead of refusing them.
+            provenance: JSON-safe record of where the sources came from (e.g. LaminDB collection and
+                artifact uids); goes into the new registry's ``extra``. With ``registry``, the model's
+                ``extra`` is kept and this is only available as ``self.provenance``.
 
         Raises:
             ConfigError: an argument is out of range.
@@ -85,6 +90,7 @@ class Collection:
         """
         sources = tuple(sources)
         self._check_args(sources, gene_join, min_gene_overlap)
+        self.provenance = dict(provenance or {})
         self.sources = sources
         counts = np.array([int(s.n_obs) for s in sources], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -224,6 +230,7 @@ class Collection:
             batch_key=self._batch_key,
             labels_key=self._labels_key,
             batch_prefixed=self._prefixed,
+            extra=dict(self.provenance),
         )
 
     # ---------------------------------------------------------------- per-cell metadata

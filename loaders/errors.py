@@ -47,3 +47,7 @@ class AlignmentWarning(UserWarning):
 
 class StoreExistsError(LoaderError, FileExistsError):
     """A store already exists where a new one would be written (pass ``overwrite=True`` to replace it)."""
+
+
+class LaminError(LoaderError):
+    """A LaminDB target cannot be resolved: lamindb missing, unknown instance, collection, artifact or suffix."""

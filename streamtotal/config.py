@@ -16,7 +16,8 @@ class DataConfig:
     """Which stores to stream and how to read them."""
 
     stores: tuple[str, ...] = ()
-    """Store paths or URLs (Zarr stores, ``.h5ad`` files); several stores are several studies."""
+    """Store paths or URLs (Zarr stores, ``.h5ad`` files, ``lamin://INSTANCE/COLLECTION_KEY``); several stores are
+    several studies."""
     batch_key: str | None = None
     """obs column with the batch covariate; None = one batch per study."""
     labels_key: str | None = None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loaders.collection import Collection
 from loaders.h5ad_source import H5adSource
+from loaders.lamin_sources import is_lamin_uri, lamin_sources
 from loaders.registry import Registry
 from loaders.zarr_source import ZarrSource
 from streamtotal.config import DataConfig
@@ -24,7 +25,12 @@ def open_source(path: str, *, protein_key: str = "protein_expression"):
 
     Returns:
         A Source named after the store.
+
+    Raises:
+        ConfigError: ``path`` is a ``lamin://`` URI, which names several studies (see ``open_sources``).
     """
+    if is_lamin_uri(path):
+        raise ConfigError(f"{path} names a LaminDB collection (several studies): open it with open_sources")
     name = Path(str(path).rstrip("/")).name
     for suffix in (".zarr", ".h5ad"):
         name = name.removesuffix(suffix)
@@ -33,8 +39,33 @@ def open_source(path: str, *, protein_key: str = "protein_expression"):
     return ZarrSource(path, name=name, protein_key=protein_key)
 
 
+def open_sources(stores, *, protein_key: str = "protein_expression") -> tuple[list, dict]:
+    """Opens stores as Sources; a ``lamin://`` URI expands to one Source per artifact of its collection.
+
+    Args:
+        stores: local paths, fsspec URLs or ``lamin://INSTANCE/COLLECTION_KEY`` URIs.
+        protein_key: obsm key of the protein counts.
+
+    Returns:
+        ``(sources, provenance)``: provenance is ``{"lamindb": [record per lamin:// store]}`` (see
+        ``loaders.lamin_sources``), or ``{}`` when no store came from LaminDB.
+    """
+    sources, lamin_records = [], []
+    for store in stores:
+        if is_lamin_uri(store):
+            found, provenance = lamin_sources(store, protein_key=protein_key)
+            sources += found
+            lamin_records.append(provenance["lamindb"])
+        else:
+            sources.append(open_source(store, protein_key=protein_key))
+    return sources, ({"lamindb": lamin_records} if lamin_records else {})
+
+
 def open_collection(data: DataConfig, *, registry: Registry | None = None, allow_new_batches: bool = False) -> Collection:
     """Opens every store of ``data`` and aligns them into one Collection.
+
+    LaminDB stores (``lamin://``) contribute one study per artifact, and their collection and artifact uids
+    are recorded in the registry's ``extra["lamindb"]`` (so in the run's ``registry.json``).
 
     Args:
         data: the ``[data]`` config.
@@ -46,9 +77,9 @@ def open_collection(data: DataConfig, *, registry: Registry | None = None, allow
     """
     if not data.stores:
         raise ConfigError("no stores given: pass one or more STORE paths, or set [data] stores in the config")
-    sources = [open_source(s, protein_key=data.protein_key) for s in data.stores]
+    sources, provenance = open_sources(data.stores, protein_key=data.protein_key)
     kwargs = dict(batch_key=data.batch_key, labels_key=data.labels_key, unlabeled_category=data.unlabeled_category,
-                  gene_join=data.gene_join, min_gene_overlap=data.min_gene_overlap)
+                  gene_join=data.gene_join, min_gene_overlap=data.min_gene_overlap, provenance=provenance)
     if registry is not None:
         return Collection(sources, registry=registry, allow_new_batches=allow_new_batches, **kwargs)
     return Collection(sources, **kwargs)

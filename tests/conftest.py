@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +48,53 @@ def s3_server():
         yield S3Server(endpoint_url=f"http://127.0.0.1:{port}")
     finally:
         server.stop()
+
+
+@dataclass
+class LaminInstance:
+    """A real local LaminDB instance (SQLite) in a temp dir, connected as this process's default instance."""
+
+    name: str
+    slug: str
+    root: Path
+    """Storage root: files written under it are registered in place (offline, no hub lookup)."""
+
+    def save_collection(self, paths, key: str):
+        """Registers ``paths`` (under ``root``; key = path relative to ``root``) and a Collection of them.
+
+        Returns:
+            ``(collection, artifacts)``.
+        """
+        import lamindb as ln
+
+        artifacts = [ln.Artifact(str(p), key=Path(p).relative_to(self.root).as_posix()).save() for p in paths]
+        return ln.Collection(artifacts, key=key).save(), artifacts
+
+
+@pytest.fixture(scope="session")
+def lamin_instance(tmp_path_factory):
+    """One local LaminDB instance per session, with lamin's settings and cache in a temp dir.
+
+    lamindb reads ``LAMIN_SETTINGS_DIR`` once, at import, so ``LAMIN_SETTINGS_DIR`` and ``LAMIN_CACHE_DIR``
+    are set before lamindb is first imported and kept for the session (every lamin test shares them). HOME
+    points into the temp dir only while lamindb is imported and the instance created (django's setup reads
+    it), so later tests see the real HOME. Skips if lamindb is not installed.
+    """
+    if importlib.util.find_spec("lamindb") is None:
+        pytest.skip("lamindb is not installed (pip install 'streamtotal[lamin]')")
+    base = tmp_path_factory.mktemp("lamin")
+    for sub in ("home", "settings", "cache"):
+        (base / sub).mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAMIN_SETTINGS_DIR", str(base / "settings"))
+        mp.setenv("LAMIN_CACHE_DIR", str(base / "cache"))
+        with pytest.MonkeyPatch.context() as during_init:
+            during_init.setenv("HOME", str(base / "home"))
+            during_init.chdir(base)  # init marks its working directory as the instance's dev dir (.lamin/)
+            imported_before = "lamindb_setup" in sys.modules
+            ln_setup = pytest.importorskip("lamindb_setup")
+            if imported_before or Path(ln_setup.settings.settings_dir) != base / "settings" / ".lamin":
+                pytest.fail("lamindb_setup was imported before the lamin_instance fixture: its settings would leak")
+            ln_setup.init(storage=str(base / "storage"), name="streamtotal-test")
+            pytest.importorskip("lamindb")
+        yield LaminInstance(name="streamtotal-test", slug=ln_setup.settings.instance.slug, root=base / "storage")

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--config FILE.toml ([data], [model], [train] tables; see the README's config reference), then flags. "
         "The resolved config is written to RUN_DIR/config.toml. Under torchrun every rank runs this command.",
     )
-    p.add_argument("stores", nargs="*", help="Zarr stores or .h5ad files (several = several studies)")
+    p.add_argument("stores", nargs="*",
+                   help="Zarr stores, .h5ad files or lamin://INSTANCE/COLLECTION_KEY (several = several studies)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final model)")
     p.add_argument("--config", help="TOML run config")
     p.add_argument("--resume", action="store_true",
