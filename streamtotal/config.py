@@ -39,9 +39,13 @@ class TrainConfig:
     max_epochs: int | None = None
     """Epochs to train; None = scvi-tools' rule: min(400, round(400 * 20000 / n_cells)), at least 1."""
     batch_size: int = 256
-    """Cells per minibatch (per process under DDP)."""
+    """Cells per minibatch per process; under DDP the global batch is ``batch_size`` x processes."""
     lr: float = 4e-3
-    """Adam learning rate."""
+    """Adam learning rate at the reference global batch of 256 cells (see ``lr_scaling``)."""
+    lr_scaling: Literal["none", "sqrt", "linear"] = "none"
+    """How the learning rate follows the global batch (``batch_size`` x processes) when it differs from 256:
+    "none" keeps ``lr``; "sqrt" multiplies it by sqrt(global / 256) (the usual rule for Adam); "linear" by
+    global / 256. The effective rate is logged as ``lr`` in metrics.jsonl."""
     eps: float = 0.01
     """Adam epsilon (scvi-tools TOTALVI uses 0.01)."""
     weight_decay: float = 1e-6
@@ -99,6 +103,11 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
         if self.num_workers < 0 or self.prefetch_batches < 0 or self.threads < 0 or self.early_stopping_patience < 0:
             raise ConfigError("train.num_workers, prefetch_batches, threads and early_stopping_patience must be >= 0")
+
+    def effective_lr(self, world_size: int) -> float:
+        """The learning rate for a job of ``world_size`` processes, per ``lr_scaling``."""
+        ratio = self.batch_size * world_size / 256
+        return self.lr * {"none": 1.0, "sqrt": ratio**0.5, "linear": ratio}[self.lr_scaling]
 
     def epochs_for(self, n_cells: int) -> int:
         """The number of epochs to train on ``n_cells`` training cells."""

@@ -132,8 +132,8 @@ class Trainer:
         self.ddp_model = self.dist.wrap(self.model)
         # foreach: torch's CPU default is a per-tensor loop, 8 ms a step against 2 ms here. Not the fused kernel:
         # a run resumed with it drifted from the uninterrupted run in the last bits, and exact resume comes first.
-        self.optimizer = torch.optim.Adam(self.model.vae_parameters(), lr=tc.lr, eps=tc.eps,
-                                          weight_decay=tc.weight_decay, foreach=True)
+        self.optimizer = torch.optim.Adam(self.model.vae_parameters(), lr=tc.effective_lr(self.dist.world_size),
+                                          eps=tc.eps, weight_decay=tc.weight_decay, foreach=True)
         self.adv_optimizer = None
         if config.model.adversarial_classifier:
             self.adv_optimizer = torch.optim.Adam(self.model.classifier_parameters(), lr=tc.adversarial_lr,
@@ -156,6 +156,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoint state
     def _check_compatible(self, ckpt: dict) -> None:
+        if ckpt.get("world_size", 1) != self.dist.world_size:
+            raise CheckpointError(
+                f"the checkpoint in {self.run_dir.path} was written by a job of {ckpt.get('world_size', 1)} "
+                f"process(es) and this job has {self.dist.world_size}: each rank's share of the data order depends "
+                "on the world size, so resume with the same number of processes (nodes x processes per node)"
+            )
         saved = RunConfig.from_dict(ckpt["config"], where="checkpoint config")
         if saved.model != self.config.model or saved.data != self.config.data:
             raise CheckpointError(

@@ -64,3 +64,15 @@ def test_ddp_training_on_two_gloo_ranks_writes_once_from_rank_zero(store, tmp_pa
     # 901 training cells over 2 ranks: ceil(451 / 64) = 8 steps per epoch on every rank
     assert ckpt["step"] == 16
     assert not list(tmp_path.glob("**/.ckpt-*.tmp")), "no temporary checkpoint left behind"
+
+
+def test_resuming_on_another_world_size_is_refused_clearly(store, tmp_path):
+    run = tmp_path / "run"
+    _torchrun(["-m", "streamtotal", "train", str(store), "--out", str(run), "--batch-key", "batch", "--epochs", "1",
+               "--batch-size", "64", "--n-latent", "3", "--n-hidden", "16", "--no-progress", "--threads", "1"],
+              cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "streamtotal", "train", str(store), "--out", str(run), "--batch-key",
+                           "batch", "--epochs", "1", "--batch-size", "64", "--n-latent", "3", "--n-hidden", "16",
+                           "--no-progress", "--threads", "1", "--resume"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "2 process(es) and this job has 1" in proc.stderr

@@ -37,3 +37,11 @@ def test_epoch_rule_follows_scvi_tools():
     assert TrainConfig().epochs_for(20000) == 400
     assert TrainConfig().epochs_for(1_000_000) == 8
     assert TrainConfig(max_epochs=3).epochs_for(10) == 3
+
+
+def test_learning_rate_follows_the_documented_global_batch_rule():
+    assert TrainConfig(lr=4e-3).effective_lr(world_size=8) == 4e-3
+    assert TrainConfig(lr=4e-3, lr_scaling="sqrt", batch_size=256).effective_lr(world_size=4) == pytest.approx(8e-3)
+    assert TrainConfig(lr=4e-3, lr_scaling="linear", batch_size=512).effective_lr(world_size=2) == pytest.approx(16e-3)
+    with pytest.raises(ConfigError, match="lr_scaling"):
+        RunConfig.from_dict({"train": {"lr_scaling": "cubic"}})
