@@ -53,6 +53,33 @@ __all__ += [
     "validate_counts",
 ]
 
+# TileDB-SOMA: Source over an Experiment (RNA + protein measurements) and the block-wise SOMA ingest. Imported
+# on first use (PEP 562), so ``import loaders`` works without the optional ``soma`` extra (tiledbsoma, pyarrow).
+_SOMA_EXPORTS = {
+    "SomaExperimentWriter": "loaders.ingest.soma_writer",
+    "SomaLayoutConfig": "loaders.soma_layout",
+    "SomaSource": "loaders.soma_source",
+    "ingest_soma": "loaders.ingest.soma_ingest",
+    "open_soma_sources": "loaders.soma_source",
+}
+
+
+def __getattr__(name: str):
+    if name in _SOMA_EXPORTS:
+        import importlib
+
+        try:
+            module = importlib.import_module(_SOMA_EXPORTS[name])
+        except ImportError as err:
+            raise ImportError(
+                f"loaders.{name} needs tiledbsoma ({err}); install it with: pip install 'streamtotal[soma]'"
+            ) from err
+        return getattr(module, name)
+    raise AttributeError(f"module 'loaders' has no attribute {name!r}")
+
+
+__all__ += list(_SOMA_EXPORTS)
+
 # LaminDB: the h5ad / zarr artifacts of a Collection as Sources (lamindb is imported only when resolving).
 from loaders.lamin_sources import is_lamin_uri, lamin_sources, parse_lamin_uri  # noqa: E402
 
