@@ -30,6 +30,14 @@ class DataConfig:
     """How genes of several studies are combined: intersection, or union with zero-fill."""
     min_gene_overlap: float = 0.5
     """A study sharing less than this fraction of the reference genes is refused."""
+    soma_rna_measurement: str = "RNA"
+    """TileDB-SOMA stores: name of the RNA measurement."""
+    soma_protein_measurement: str = "prot"
+    """TileDB-SOMA stores: name of the protein measurement."""
+    soma_x_layer: str = "data"
+    """TileDB-SOMA stores: X layer holding raw counts (in both measurements)."""
+    soma_value_filter: str | None = None
+    """TileDB-SOMA stores: obs filter selecting the cells to use, e.g. ``"tissue == 'blood'"``; None = all."""
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,21 @@ from streamtotal.config import DataConfig
 from streamtotal.errors import ConfigError
 
 
-def open_source(path: str, *, protein_key: str = "protein_expression"):
-    """Opens one store as a Source: ``.h5ad`` files through the backed h5ad reader, anything else as Zarr.
+def is_soma_experiment(path: str) -> bool:
+    """True for a TileDB-SOMA Experiment: a ``.soma`` URI, or a local directory that is a TileDB group."""
+    text = str(path).rstrip("/")
+    return text.endswith(".soma") or (Path(text) / "__tiledb_group.tdb").is_file()
+
+
+def open_source(path: str, *, protein_key: str = "protein_expression", data: DataConfig | None = None):
+    """Opens one store as a Source: ``.h5ad`` files through the backed h5ad reader, TileDB-SOMA Experiments
+    (``*.soma`` or a TileDB group directory) through SomaSource, anything else as Zarr.
 
     Args:
-        path: a local path or an fsspec URL.
+        path: a local path or a URL (``s3://`` works for Zarr and SOMA; credentials and endpoint come from the
+            usual AWS environment variables).
         protein_key: obsm key of the protein counts.
+        data: the ``[data]`` config, for the SOMA options (measurements, X layer, value filter).
 
     Returns:
         A Source named after the store.
@@ -32,19 +41,28 @@ def open_source(path: str, *, protein_key: str = "protein_expression"):
     if is_lamin_uri(path):
         raise ConfigError(f"{path} names a LaminDB collection (several studies): open it with open_sources")
     name = Path(str(path).rstrip("/")).name
-    for suffix in (".zarr", ".h5ad"):
+    for suffix in (".zarr", ".h5ad", ".soma"):
         name = name.removesuffix(suffix)
+    if is_soma_experiment(path):
+        from loaders.s3_env import tiledb_s3_config_from_env
+        from loaders.soma_source import SomaSource
+
+        data = data or DataConfig()
+        return SomaSource(path, name=name, rna_measurement=data.soma_rna_measurement,
+                          protein_measurement=data.soma_protein_measurement, x_layer=data.soma_x_layer,
+                          value_filter=data.soma_value_filter, context=tiledb_s3_config_from_env() or None)
     if str(path).endswith(".h5ad"):
         return H5adSource(path, name=name, protein_key=protein_key)
     return ZarrSource(path, name=name, protein_key=protein_key)
 
 
-def open_sources(stores, *, protein_key: str = "protein_expression") -> tuple[list, dict]:
+def open_sources(stores, *, protein_key: str = "protein_expression", data: DataConfig | None = None) -> tuple[list, dict]:
     """Opens stores as Sources; a ``lamin://`` URI expands to one Source per artifact of its collection.
 
     Args:
         stores: local paths, fsspec URLs or ``lamin://INSTANCE/COLLECTION_KEY`` URIs.
         protein_key: obsm key of the protein counts.
+        data: the ``[data]`` config (SOMA options).
 
     Returns:
         ``(sources, provenance)``: provenance is ``{"lamindb": [record per lamin:// store]}`` (see
@@ -57,7 +75,7 @@ def open_sources(stores, *, protein_key: str = "protein_expression") -> tuple[li
             sources += found
             lamin_records.append(provenance["lamindb"])
         else:
-            sources.append(open_source(store, protein_key=protein_key))
+            sources.append(open_source(store, protein_key=protein_key, data=data))
     return sources, ({"lamindb": lamin_records} if lamin_records else {})
 
 
@@ -77,7 +95,7 @@ def open_collection(data: DataConfig, *, registry: Registry | None = None, allow
     """
     if not data.stores:
         raise ConfigError("no stores given: pass one or more STORE paths, or set [data] stores in the config")
-    sources, provenance = open_sources(data.stores, protein_key=data.protein_key)
+    sources, provenance = open_sources(data.stores, protein_key=data.protein_key, data=data)
     kwargs = dict(batch_key=data.batch_key, labels_key=data.labels_key, unlabeled_category=data.unlabeled_category,
                   gene_join=data.gene_join, min_gene_overlap=data.min_gene_overlap, provenance=provenance)
     if registry is not None:

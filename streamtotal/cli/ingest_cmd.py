@@ -8,15 +8,22 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ingest",
-        help="convert an h5ad, h5mu or 10x feature-barcode .h5 into a streaming Zarr store",
-        description="Converts INPUT block by block (out of core) into a Zarr store chunked for streaming, "
-        "validating counts on the way (finite, non-negative, integer unless --allow-non-integer), and reports "
-        "what it found. The store is written to a temporary name and renamed when complete.",
+        help="convert an h5ad, h5mu or 10x feature-barcode .h5 into a streaming Zarr store or TileDB-SOMA Experiment",
+        description="Converts INPUT block by block (out of core) into a store laid out for streaming — a Zarr store "
+        "(default) or a TileDB-SOMA Experiment with an RNA and a protein measurement (--format soma, which can "
+        "also --append a further study to an existing Experiment) — validating counts on the way (finite, "
+        "non-negative, integer unless --allow-non-integer), and reports what it found. A new store is written "
+        "to a temporary name and renamed when complete.",
     )
     p.add_argument("input", help="input file: .h5ad, .h5mu or 10x .h5")
-    p.add_argument("--out", required=True, help="output Zarr store directory")
-    p.add_argument("--format", dest="input_format", default="auto", choices=["auto", "h5ad", "h5mu", "10x"],
+    p.add_argument("--out", required=True, help="output store: a Zarr directory, or a SOMA Experiment URI")
+    p.add_argument("--format", dest="store_format", default="zarr", choices=["zarr", "soma"],
+                   help="output store format (default zarr)")
+    p.add_argument("--input-format", default="auto", choices=["auto", "h5ad", "h5mu", "10x"],
                    help="input format (default: from the file)")
+    p.add_argument("--append", action="store_true",
+                   help="soma: append INPUT as a further study to the existing Experiment at --out")
+    p.add_argument("--study-name", help="soma: the study's name (default: the input file's name)")
     p.add_argument("--protein-key", default="protein_expression",
                    help="h5ad: obsm key of the protein counts (default protein_expression)")
     p.add_argument("--rna-layer", default=None, help="h5ad: take RNA counts from this layer instead of X")
@@ -30,11 +37,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from loaders.ingest import ingest
+    from streamtotal.errors import ConfigError
 
-    report = ingest(
-        args.input, args.out, input_format=args.input_format, protein_key=args.protein_key,
-        rna_layer=args.rna_layer, batch_key=args.batch_key, allow_non_integer=args.allow_non_integer,
-        overwrite=args.overwrite, progress=not args.no_progress,
-    )
+    common = dict(input_format=args.input_format, protein_key=args.protein_key, rna_layer=args.rna_layer,
+                  batch_key=args.batch_key, allow_non_integer=args.allow_non_integer, overwrite=args.overwrite,
+                  progress=not args.no_progress)
+    if args.store_format == "soma":
+        from loaders.ingest.soma_ingest import ingest_soma
+
+        report = ingest_soma(args.input, args.out, append=args.append, study_name=args.study_name, **common)
+    else:
+        if args.append or args.study_name:
+            raise ConfigError("--append and --study-name apply to --format soma only; a Zarr store holds one study "
+                              "(train on several stores to combine studies)")
+        from loaders.ingest import ingest
+
+        report = ingest(args.input, args.out, **common)
     print(report)
