@@ -67,13 +67,46 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
     ingest(work / "data.h5ad", work / "data.zarr", batch_key="batch", progress=False, overwrite=True)
     made = {"zarr": str(work / "data.zarr"), "h5ad": str(work / "data.h5ad")}
     try:
-        from loaders.ingest import ingest_soma  # the TileDB-SOMA backend, when installed
+        from loaders.ingest.soma_ingest import ingest_soma  # the TileDB-SOMA backend, when installed
 
-        ingest_soma(work / "data.h5ad", str(work / "data.soma"), batch_key="batch", progress=False)
+        ingest_soma(work / "data.h5ad", str(work / "data.soma"), batch_key="batch", progress=False, overwrite=True)
         made["soma"] = str(work / "data.soma")
     except ImportError:
         pass
     return made
+
+
+LAMIN_INSTANCE = "streamtotal-bench"
+
+
+def lamin_env(work: Path) -> dict:
+    """lamindb settings, cache and HOME inside the work dir, so the benchmark leaves nothing behind."""
+    base = work / "lamin"
+    return {"LAMIN_SETTINGS_DIR": str(base / "settings"), "LAMIN_CACHE_DIR": str(base / "cache"),
+            "HOME": str(base / "home")}
+
+
+def setup_lamin(work: Path) -> dict:
+    """A local LaminDB instance (SQLite) holding the h5ad and the Zarr store as artifacts of two collections."""
+    import shutil
+
+    base = work / "lamin"
+    for sub in ("settings", "cache", "home", "storage"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    # Offline, lamindb registers files in place only under its storage root.
+    shutil.copy(work / "data.h5ad", base / "storage" / "data.h5ad")
+    shutil.copytree(work / "data.zarr", base / "storage" / "data.zarr", dirs_exist_ok=True)
+    os.chdir(base)
+    import lamindb_setup as ln_setup
+
+    ln_setup.init(storage=str(base / "storage"), name=LAMIN_INSTANCE)
+    import lamindb as ln
+
+    h5ad = ln.Artifact(str(base / "storage" / "data.h5ad"), key="bench/data.h5ad").save()
+    zarr_artifact = ln.Artifact(str(base / "storage" / "data.zarr"), key="bench/data.zarr").save()
+    ln.Collection([h5ad], key="bench-h5ad").save()
+    ln.Collection([zarr_artifact], key="bench-zarr").save()
+    return {"slug": ln_setup.settings.instance.slug}
 
 
 def start_s3(work: Path, zarr_path: str) -> tuple[subprocess.Popen, dict]:
@@ -104,11 +137,13 @@ def run_streamtotal(target: str, work: Path, num_workers: int) -> dict:
     import torch
 
     from loaders import Collection, StreamConfig, StreamLoader
-    from streamtotal.data import open_source
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    collection = Collection([open_source(target)], batch_key="batch")
+    from streamtotal.data import open_sources
+
+    sources, _ = open_sources([target])
+    collection = Collection(sources, batch_key="batch")
     loader = StreamLoader(collection, np.arange(collection.n_obs),
                           StreamConfig(batch_size=BATCH_SIZE, seed=0, num_workers=num_workers))
     loader.set_epoch(1)
@@ -151,7 +186,36 @@ def run_tiledbsoma_ml(target: str, work: Path, num_workers: int) -> dict:
             "order_file": str(work / f"order_{os.getpid()}.npy")}
 
 
-RUNNERS = {"streamtotal": run_streamtotal, "tiledbsoma_ml": run_tiledbsoma_ml}
+def run_mapped_collection(target: str, work: Path, num_workers: int) -> dict:
+    import lamindb as ln
+    import torch
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    collection = ln.DB(target).Collection.get(key="bench-h5ad")
+    mapped = collection.mapped(obsm_keys=["protein_expression"], obs_keys=["batch"])
+    order = np.random.default_rng(0).permutation(len(mapped))  # its shuffle: a full random permutation
+    loader = torch.utils.data.DataLoader(mapped, batch_size=BATCH_SIZE, sampler=order.tolist(),
+                                         num_workers=num_workers)
+    t1 = time.perf_counter()
+    n = 0
+    for batch in loader:
+        n += batch["X"].shape[0]
+        assert batch["obsm_protein_expression"].shape[0] == batch["X"].shape[0]
+    t2 = time.perf_counter()
+    mapped.close()
+    np.save(work / f"order_{os.getpid()}.npy", order)
+    return {"cells_per_s": n / (t2 - t1), "open_seconds": t1 - t0, "cells": n, "modalities": "rna+protein",
+            "version": ln.__version__, "peak_rss_mib": peak_rss_mib(),
+            "order_file": str(work / f"order_{os.getpid()}.npy")}
+
+
+def run_lamin_setup(target: str, work: Path, num_workers: int) -> dict:
+    return setup_lamin(work)
+
+
+RUNNERS = {"streamtotal": run_streamtotal, "tiledbsoma_ml": run_tiledbsoma_ml,
+           "mapped_collection": run_mapped_collection, "lamin_setup": run_lamin_setup}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -202,6 +266,17 @@ def main() -> None:
         if "soma" in made:
             results["tiledbsoma_ml_rna_only"] = measure("soma", "tiledbsoma_ml", made["soma"], work,
                                                         args.num_workers)
+        try:
+            import lamindb  # noqa: F401 - only to know whether the LaminDB backend can be measured
+
+            env = lamin_env(work)
+            slug = measure("lamin", "lamin_setup", "", work, 0, env)["slug"]
+            results["streamtotal_lamindb_zarr"] = measure("lamin", "streamtotal", f"lamin://{LAMIN_INSTANCE}/bench-zarr",
+                                                          work, args.num_workers, env)
+            results["lamindb_mapped_collection_h5ad"] = measure("lamin", "mapped_collection", slug, work,
+                                                                args.num_workers, env)
+        except ImportError:
+            pass
 
         codes = np.load(work / "batch_codes.npy")
         rng = np.random.default_rng(0)
@@ -213,11 +288,11 @@ def main() -> None:
                 r["shuffle_tvd"] = tvd
                 r["shuffle_unmixed_score"] = (tvd - tvd_random) / (tvd_ordered - tvd_random)
         ratios = {}
-        peer = results.get("tiledbsoma_ml_rna_only", {}).get("cells_per_s")
-        if peer:
-            for key in ("streamtotal_zarr", "streamtotal_soma"):
-                if "cells_per_s" in results.get(key, {}):
-                    ratios[f"{key}_vs_tiledbsoma_ml"] = results[key]["cells_per_s"] / peer
+        for peer_key in ("tiledbsoma_ml_rna_only", "lamindb_mapped_collection_h5ad"):
+            peer = results.get(peer_key, {}).get("cells_per_s")
+            for key in ("streamtotal_zarr", "streamtotal_soma", "streamtotal_h5ad", "streamtotal_lamindb_zarr"):
+                if peer and "cells_per_s" in results.get(key, {}):
+                    ratios[f"{key}_vs_{peer_key}"] = results[key]["cells_per_s"] / peer
         print(json.dumps({
             "benchmark": "loader_throughput",
             "data": {"cells": args.cells, "genes": args.genes, "proteins": args.proteins, "batch_size": BATCH_SIZE,
