@@ -80,6 +80,26 @@ def validate_counts(
     )
 
 
+def validate_rows(rows, *, study: str, gene_names, protein_names, row_ids, cell_names, source_path=None) -> None:
+    """Checks both modalities of rows read from a store (finite, non-negative; integers are not required at read
+    time, the store's ingest decided that).
+
+    Args:
+        rows: a ``SourceRows``.
+        study: study name, for the message.
+        gene_names, protein_names: column names of the two modalities.
+        row_ids: the store's cell ids of the rows.
+        cell_names: callable ``index -> name`` or array of cell names.
+        source_path: the store, for the message.
+
+    Raises:
+        InvalidCountsError: naming the study, the modality, the cell and the column.
+    """
+    for block, modality, names in ((rows.rna, "rna", gene_names), (rows.protein, "protein", protein_names)):
+        validate_counts(block, study=study, modality=modality, cell_names=cell_names, feature_names=names,
+                        row_ids=row_ids, require_integer=False, source_path=source_path)
+
+
 def _all_valid(values: np.ndarray, require_integer: bool) -> bool:
     if values.dtype.kind in "ui":
         return True

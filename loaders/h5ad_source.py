@@ -11,7 +11,6 @@ import os
 
 import h5py
 import numpy as np
-import scipy.sparse as sp
 
 from loaders.anndata_layout import (
     dataframe_index,
@@ -20,12 +19,13 @@ from loaders.anndata_layout import (
     obs_values,
     resolve_layout,
 )
-from loaders.count_validation import validate_counts
+from loaders.count_validation import validate_rows
 from loaders.errors import StoreFormatError
 from loaders.h5_matrix_reader import H5MatrixReader
 from loaders.ids import check_ids
 from loaders.row_runs import coalesce_runs
-from loaders.source import SourceRows
+from loaders.protein_panels import checked_panel_codes
+from loaders.source import PicklesByInitArgs, SourceRows
 from loaders.store_layout import PROTEIN_OBSM_KEY
 from loaders.zarr_source import study_name_from_path
 
@@ -33,7 +33,7 @@ CHUNK_CACHE_BYTES = 64 << 20
 """Per-dataset HDF5 chunk cache: neighbouring cover ranges often share a compressed chunk."""
 
 
-class H5adSource:
+class H5adSource(PicklesByInitArgs):
     """A Source over an h5ad file (CSR or dense X, proteins in ``obsm``) or an h5mu file."""
 
     def __init__(
@@ -107,12 +107,6 @@ class H5adSource:
         if self._pid != os.getpid():
             self._open()
 
-    def __getstate__(self) -> dict:
-        return self._init_args
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(**state)
-
     def __repr__(self) -> str:
         return (
             f"H5adSource({self.path!r}, name={self.name!r}, n_obs={self.n_obs}, "
@@ -152,9 +146,8 @@ class H5adSource:
         if self._panel_codes is None:
             self._ensure_open()
             node = self._layout.panel_code_node
-            codes = np.zeros(self.n_obs, np.int64) if node is None else np.asarray(node[...], np.int64)
-            if codes.size and (codes.min() < 0 or codes.max() >= len(self.protein_panels)):
-                raise StoreFormatError(f"{self._where}: obs/_protein_panel holds codes outside the stored panels.")
+            codes = (np.zeros(self.n_obs, np.int64) if node is None
+                     else checked_panel_codes(node[...], len(self.protein_panels), self._where))
             self._panel_codes = codes
         return self._panel_codes
 
@@ -167,21 +160,16 @@ class H5adSource:
         """
         ids = check_ids(ids, self.n_obs, f"study {self.name!r}")
         if ids.size == 0:
-            return SourceRows(
-                rna=sp.csr_matrix((0, len(self.gene_names)), dtype=np.float32),
-                protein=np.zeros((0, len(self.protein_names)), dtype=np.float32),
-            )
+            return SourceRows.empty(len(self.gene_names), len(self.protein_names))
         self._ensure_open()
         starts, stops = coalesce_runs(ids, self._max_gap)
         rna = self._rna.read_csr(ids, starts, stops)
         protein = self._protein.read_dense(ids, starts, stops)
+        rows = SourceRows(rna=rna, protein=protein)
         if self._validate:
-            for block, modality, names in ((rna, "rna", self.gene_names), (protein, "protein", self.protein_names)):
-                validate_counts(
-                    block, study=self.name, modality=modality, cell_names=self._cell_name,
-                    feature_names=names, row_ids=ids, require_integer=False, source_path=self.path,
-                )
-        return SourceRows(rna=rna, protein=protein)
+            validate_rows(rows, study=self.name, gene_names=self.gene_names, protein_names=self.protein_names,
+                          row_ids=ids, cell_names=self._cell_name, source_path=self.path)
+        return rows
 
     def _cell_name(self, index: int) -> str:
         group = self._layout.obs_groups[0]

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from loaders.errors import StoreFormatError
+
 MISSING_GROUP = "nan"
 """Group name given to cells whose group value is missing (NaN/None)."""
 
@@ -54,6 +56,18 @@ class PanelAssignment:
             if missing.size:
                 out[str(group)] = [str(m) for m in missing]
         return out
+
+
+def checked_panel_codes(codes: np.ndarray, n_panels: int, where: str) -> np.ndarray:
+    """Returns stored per-cell panel codes as int64 after checking they index the stored panels.
+
+    Raises:
+        StoreFormatError: a code falls outside ``[0, n_panels)``.
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.size and (codes.min() < 0 or codes.max() >= n_panels):
+        raise StoreFormatError(f"{where}: obs/_protein_panel holds codes outside [0, {n_panels}).")
+    return codes
 
 
 def group_keys(values) -> np.ndarray:

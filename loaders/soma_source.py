@@ -23,7 +23,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 import tiledbsoma
 
-from loaders.count_validation import validate_counts
+from loaders.count_validation import validate_rows
 from loaders.errors import StoreFormatError
 from loaders.ids import check_ids
 from loaders.soma_obs import arrow_column_values
@@ -36,7 +36,8 @@ from loaders.soma_layout import (
     VAR_ID_COLUMN,
     SomaMetadata,
 )
-from loaders.source import SourceRows
+from loaders.protein_panels import checked_panel_codes
+from loaders.source import PicklesByInitArgs, SourceRows
 from loaders.store_layout import PANEL_OBS_COLUMN
 
 JOINID = "soma_joinid"
@@ -60,7 +61,7 @@ def soma_context(context) -> tiledbsoma.SOMATileDBContext | None:
     raise TypeError(f"context must be None, a dict of TileDB config keys or a SOMATileDBContext, got {type(context)}")
 
 
-class SomaSource:
+class SomaSource(PicklesByInitArgs):
     """A Source over a TileDB-SOMA Experiment with an RNA and a protein measurement."""
 
     def __init__(
@@ -241,12 +242,6 @@ class SomaSource:
 
     # ---------------------------------------------------------------- pickling, repr, close
 
-    def __getstate__(self) -> dict:
-        return self._init_args
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(**state)
-
     def __repr__(self) -> str:
         return (
             f"SomaSource({self.uri!r}, name={self.name!r}, n_obs={self.n_obs}, genes={len(self.gene_names)}, "
@@ -312,11 +307,7 @@ class SomaSource:
             if not self._panels_stored:
                 codes = np.zeros(self.n_obs, dtype=np.int64)
             else:
-                codes = np.asarray(self._obs_table_column(PANEL_OBS_COLUMN), dtype=np.int64)
-                if codes.size and (codes.min() < 0 or codes.max() >= len(self.protein_panels)):
-                    raise StoreFormatError(
-                        f"{self._where}: obs/{PANEL_OBS_COLUMN} holds codes outside [0, {len(self.protein_panels)})."
-                    )
+                codes = checked_panel_codes(self._obs_table_column(PANEL_OBS_COLUMN), len(self.protein_panels), self._where)
             self._panel_codes = codes
         return self._panel_codes
 
@@ -333,21 +324,17 @@ class SomaSource:
         ids = check_ids(ids, self.n_obs, f"study {self.name!r}")
         n_genes, n_prot = len(self.gene_names), len(self.protein_names)
         if ids.size == 0:
-            return SourceRows(
-                rna=sp.csr_matrix((0, n_genes), dtype=np.float32), protein=np.zeros((0, n_prot), dtype=np.float32)
-            )
+            return SourceRows.empty(n_genes, n_prot)
         self._ensure_open()
         joinids = self._joinids[ids]
         coords = (pa.array(joinids),)
         rna = self._csr(self._rna_x.read(coords).tables().concat(), joinids, n_genes, self._gene_lookup, "RNA")
         protein = self._dense(self._prot_x.read(coords).tables().concat(), joinids, n_prot, self._protein_lookup)
+        rows = SourceRows(rna=rna, protein=protein)
         if self._validate:
-            for block, modality, names in ((rna, "rna", self.gene_names), (protein, "protein", self.protein_names)):
-                validate_counts(
-                    block, study=self.name, modality=modality, cell_names=self._cell_name,
-                    feature_names=names, row_ids=ids, require_integer=False, source_path=self.uri,
-                )
-        return SourceRows(rna=rna, protein=protein)
+            validate_rows(rows, study=self.name, gene_names=self.gene_names, protein_names=self.protein_names,
+                          row_ids=ids, cell_names=self._cell_name, source_path=self.uri)
+        return rows
 
     def _coo(self, table: pa.Table, joinids: np.ndarray, n_cols: int, lookup, what: str):
         """Returns ``(run_rows, run_lengths, cols, data)``: entries grouped in runs of one cell each.

@@ -25,6 +25,25 @@ class SourceRows:
     rna: sp.csr_matrix
     protein: np.ndarray
 
+    @classmethod
+    def empty(cls, n_genes: int, n_proteins: int) -> "SourceRows":
+        """Rows for an empty id list, with the right widths and dtypes."""
+        return cls(rna=sp.csr_matrix((0, n_genes), dtype=np.float32),
+                   protein=np.zeros((0, n_proteins), dtype=np.float32))
+
+
+class PicklesByInitArgs:
+    """Pickles a Source as its constructor arguments (``self._init_args``), so a DataLoader worker re-opens the
+    store in its own process instead of inheriting file handles and thread pools that must not cross a fork."""
+
+    _init_args: dict
+
+    def __getstate__(self) -> dict:
+        return self._init_args
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
 
 @runtime_checkable
 class Source(Protocol):

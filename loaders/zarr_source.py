@@ -13,7 +13,6 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import zarr
 from zarr.core.sync import sync
 
@@ -24,11 +23,12 @@ from loaders.anndata_layout import (
     obs_values,
     resolve_layout,
 )
-from loaders.count_validation import validate_counts
+from loaders.count_validation import validate_rows
 from loaders.errors import StoreFormatError
 from loaders.ids import check_ids
 from loaders.row_runs import coalesce_runs
-from loaders.source import SourceRows
+from loaders.protein_panels import checked_panel_codes
+from loaders.source import PicklesByInitArgs, SourceRows
 from loaders.store_layout import PROTEIN_OBSM_KEY
 from loaders.zarr_matrix_reader import ZarrMatrixReader
 
@@ -46,7 +46,7 @@ async def _gather(coros: list) -> list:
     return await asyncio.gather(*coros)
 
 
-class ZarrSource:
+class ZarrSource(PicklesByInitArgs):
     """A Source over an AnnData zarr store (ours or any with CSR/dense X and proteins in obsm) or a
     MuData zarr store (RNA in ``mod/<rna_modality>``, proteins in ``mod/<protein_modality>``)."""
 
@@ -114,13 +114,6 @@ class ZarrSource:
         self._obs_names: np.ndarray | None = None
         self._panel_codes: np.ndarray | None = None
 
-    def __getstate__(self) -> dict:
-        # Workers re-open the store instead of unpickling zarr handles and event-loop-bound state.
-        return self._init_args
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(**state)
-
     def __repr__(self) -> str:
         return (
             f"ZarrSource({self.path!r}, name={self.name!r}, n_obs={self.n_obs}, "
@@ -154,11 +147,7 @@ class ZarrSource:
             if node is None:
                 codes = np.zeros(self.n_obs, dtype=np.int64)
             else:
-                codes = np.asarray(node[...], dtype=np.int64)
-                if codes.size and (codes.min() < 0 or codes.max() >= len(self.protein_panels)):
-                    raise StoreFormatError(
-                        f"{self._where}: obs/_protein_panel holds codes outside [0, {len(self.protein_panels)})."
-                    )
+                codes = checked_panel_codes(node[...], len(self.protein_panels), self._where)
             self._panel_codes = codes
         return self._panel_codes
 
@@ -171,23 +160,18 @@ class ZarrSource:
         """
         ids = check_ids(ids, self.n_obs, f"study {self.name!r}")
         if ids.size == 0:
-            return SourceRows(
-                rna=sp.csr_matrix((0, len(self.gene_names)), dtype=np.float32),
-                protein=np.zeros((0, len(self.protein_names)), dtype=np.float32),
-            )
+            return SourceRows.empty(len(self.gene_names), len(self.protein_names))
         starts, stops = coalesce_runs(ids, self._max_gap)
         rna_requests = self._rna.requests(starts, stops)
         results = sync(_gather(rna_requests + self._protein.requests(starts, stops)))
         k = len(rna_requests)
         rna = self._rna.assemble_csr(results[:k], ids, starts, stops)
         protein = self._protein.assemble_dense(results[k:], ids, starts, stops)
+        rows = SourceRows(rna=rna, protein=protein)
         if self._validate:
-            for block, modality, names in ((rna, "rna", self.gene_names), (protein, "protein", self.protein_names)):
-                validate_counts(
-                    block, study=self.name, modality=modality, cell_names=self._cell_name,
-                    feature_names=names, row_ids=ids, require_integer=False, source_path=self.path,
-                )
-        return SourceRows(rna=rna, protein=protein)
+            validate_rows(rows, study=self.name, gene_names=self.gene_names, protein_names=self.protein_names,
+                          row_ids=ids, cell_names=self._cell_name, source_path=self.path)
+        return rows
 
     def _cell_name(self, index: int) -> str:
         # Only called to word an error, so one element is read rather than the whole index.
