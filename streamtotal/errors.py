@@ -19,3 +19,7 @@ class RunDirError(StreamtotalError):
 
 class ModelInputError(StreamtotalError):
     """Tensors handed to the model or its prior estimators do not fit it (wrong shape, nothing to estimate from)."""
+
+
+class SelectionError(StreamtotalError):
+    """A requested gene, protein, batch or cell is not among the model's (or the store's)."""
