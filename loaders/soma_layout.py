@@ -17,10 +17,10 @@ Layout (what ``ingest_soma`` writes; ``SomaSource`` also reads Experiments writt
 Cells of every study share one obs and one soma_joinid space (an appended study's cells follow the
 existing ones); genes and proteins are the union over studies (a study's new names get new var
 soma_joinids). A cell has no entries at genes or proteins its study did not measure: proteins are
-masked through the panels; genes read as zero (as in CELLxGENE Census) and are not masked: per-study
-gene presence is not recorded yet, so a Source (even one study's, ``value_filter="_study == 'name'"``)
-lists the union of genes. Append studies measured on the same gene set, or keep them in separate
-Experiments (the Collection aligns genes across Sources) when gene panels differ.
+masked through the panels; for genes, each study's entry in the metadata records which RNA var rows it
+measured (``genes_measured``), and a Source whose cells all come from one study lists only those genes, so
+the Collection's gene alignment treats the others as absent, not as measured zeros. streamtotal opens an
+Experiment of several studies as one Source per study (``streamtotal.data``; ``open_soma_sources`` here).
 
 Why these array settings: a sparse array's data tile holds ``capacity`` non-zeros; a read decodes whole
 tiles, so TileDB's default (100,000, i.e. ~500 cells at 200 non-zeros a cell) decodes mostly cells that

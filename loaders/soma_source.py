@@ -33,6 +33,7 @@ from loaders.soma_layout import (
     DEFAULT_X_LAYER,
     METADATA_KEY,
     OBS_ID_COLUMN,
+    STUDY_OBS_COLUMN,
     VAR_ID_COLUMN,
     SomaMetadata,
 )
@@ -180,10 +181,40 @@ class SomaSource(PicklesByInitArgs):
         self._joinids = self._matching_joinids()
         self.n_obs = int(self._joinids.size)
         self.gene_names, self._gene_lookup = self._var_names(self._rna_ms, a["rna_measurement"])
+        self._restrict_to_measured_genes()
         self.protein_names, self._protein_lookup = self._var_names(self._prot_ms, a["protein_measurement"])
         names = self._exp.obs.schema.names
         self.obs_columns = [c for c in names if c not in (JOINID, PANEL_OBS_COLUMN, a["obs_id_column"])]
         self.protein_panels = self._stored_panels()
+
+    def _restrict_to_measured_genes(self) -> None:
+        """When every cell of this Source comes from one ingested study that recorded its genes, list only those:
+        the others read as zero but were not measured, and the Collection's gene alignment must see that."""
+        if STUDY_OBS_COLUMN not in self._exp.obs.schema.names:
+            return
+        try:
+            meta = SomaMetadata.from_json(self._exp.metadata[METADATA_KEY], self._where)
+        except KeyError:
+            return
+        studies = {s["name"]: s for s in meta.studies}
+        values = set(self._obs_table_column(STUDY_OBS_COLUMN).tolist())
+        if len(values) != 1 or "genes_measured" not in studies.get(next(iter(values)), {}):
+            return
+        mask = np.array([c == "1" for c in studies[next(iter(values))]["genes_measured"]], dtype=bool)
+        if mask.size == 0:
+            return
+        n_full = self.gene_names.size
+        lookup = np.arange(n_full) if self._gene_lookup is None else self._gene_lookup  # joinid -> column
+        joinids = np.flatnonzero(lookup >= 0)
+        measured_joinids = joinids[(joinids < mask.size) & mask[np.minimum(joinids, max(mask.size - 1, 0))]]
+        keep = np.sort(lookup[measured_joinids])  # columns kept, in var order
+        if keep.size == n_full:
+            return
+        kept_column = np.full(n_full, -1, dtype=np.int64)
+        kept_column[keep] = np.arange(keep.size)
+        # joinid -> kept column; -1 for genes this study did not measure (an entry there is an inconsistency).
+        self._gene_lookup = np.where(lookup >= 0, kept_column[np.maximum(lookup, 0)], -1)
+        self.gene_names = self.gene_names[keep]
 
     def _matching_joinids(self) -> np.ndarray:
         try:

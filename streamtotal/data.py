@@ -5,6 +5,7 @@ This is the only place that picks a backend from a path; everything else sees So
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from loaders.collection import Collection
@@ -56,6 +57,28 @@ def open_source(path: str, *, protein_key: str = "protein_expression", data: Dat
     return ZarrSource(path, name=name, protein_key=protein_key)
 
 
+def _soma_study_sources(uri: str, data: DataConfig) -> list:
+    """A SOMA Experiment holding several ingested studies opens as one Source per study (named after it), so each
+    study lists only the genes it measured and studies become covariates like separate stores."""
+    whole = open_source(uri, data=data)
+    if "_study" not in whole.obs_columns:
+        return [whole]
+    studies = list(dict.fromkeys(str(v) for v in whole.obs_column("_study").tolist()))
+    if len(studies) < 2:
+        return [whole]
+    whole.close()
+    user_filter = data.soma_value_filter
+    sources = []
+    for study in studies:
+        if "'" in study:
+            raise ConfigError(f"{uri}: study name {study!r} holds a quote; rename it to stream the studies apart")
+        condition = f"_study == '{study}'" + (f" and ({user_filter})" if user_filter else "")
+        source = open_source(uri, data=replace(data, soma_value_filter=condition))
+        source.name = study
+        sources.append(source)
+    return sources
+
+
 def open_sources(stores, *, protein_key: str = "protein_expression", data: DataConfig | None = None) -> tuple[list, dict]:
     """Opens stores as Sources; a ``lamin://`` URI expands to one Source per artifact of its collection.
 
@@ -74,6 +97,8 @@ def open_sources(stores, *, protein_key: str = "protein_expression", data: DataC
             found, provenance = lamin_sources(store, protein_key=protein_key)
             sources += found
             lamin_records.append(provenance["lamindb"])
+        elif is_soma_experiment(store):
+            sources += _soma_study_sources(store, data or DataConfig())
         else:
             sources.append(open_source(store, protein_key=protein_key, data=data))
     return sources, ({"lamindb": lamin_records} if lamin_records else {})

@@ -309,6 +309,9 @@ class SomaExperimentWriter:
             "name": self._study, "source_file": self._source_file, "first_joinid": int(self._n_old),
             "n_cells": int(self._n_new), "panel_key": self._panel_key or "",
             "n_genes": len(self.gene_names), "n_proteins": len(self.protein_names),
+            # Which genes (RNA var soma_joinids) this study measured: a cell reads zero at the others, which must
+            # not pass for a measured zero. "1"/"0" per joinid; later appends' new genes fall past the end.
+            "genes_measured": _mask_string(self._gene_joinids, self._n_genes_total),
         }]
         return code_map[np.asarray(local_codes, dtype=np.int64)].astype(np.int16), meta
 
@@ -375,3 +378,10 @@ class SomaExperimentWriter:
         os.replace(self._tmp, self._path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _mask_string(joinids: np.ndarray, n_total: int) -> str:
+    """``"1"`` at the given joinids, ``"0"`` elsewhere, over ``n_total`` var rows."""
+    mask = np.zeros(n_total, dtype=bool)
+    mask[np.asarray(joinids, dtype=np.int64)] = True
+    return "".join("1" if v else "0" for v in mask)

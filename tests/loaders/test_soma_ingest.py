@@ -88,9 +88,14 @@ def test_append_registers_new_genes_and_proteins_and_masks_panels(tmp_path, cite
     assert np.isnan(whole.obs_column("n_counts")[40:]).all()
     sources = open_soma_sources(uri, "_study")
     assert [(s.name, s.n_obs) for s in sources] == [("s1", 40), ("s2", 31)]
+    # A one-study Source lists only the genes its study measured (var order), not the Experiment's union.
+    var = d1.genes + ["G_new"]
+    assert list(sources[0].gene_names) == d1.genes
     s2 = sources[1]
+    measured = [g for g in var if g in d2.genes]
+    assert list(s2.gene_names) == measured
     ids = cite.sorted_ids_with_runs(np.random.default_rng(0), 31)
-    assert np.array_equal(s2.read(ids).rna.toarray(), expected_rna[40 + ids])
+    assert np.array_equal(s2.read(ids).rna.toarray(), expected_rna[40 + ids][:, [var.index(g) for g in measured]])
     assert list(s2.obs_names()) == list(d2.obs.index)
 
 

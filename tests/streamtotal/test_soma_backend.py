@@ -56,7 +56,9 @@ def test_ingest_soma_append_and_train_with_a_value_filter(h5ads, tmp_path):
     import json
 
     registry = json.loads((run / "registry.json").read_text())
-    assert registry["batch_categories"] == ["batch_1"]
+    # The Experiment holds two ingested studies: they open as two Sources, so batches are study-prefixed.
+    assert registry["study_names"] == ["study1", "study2"]
+    assert registry["batch_categories"] == ["study1/batch_1", "study2/batch_1"]
 
 
 def test_zarr_append_flags_are_refused_clearly(h5ads, tmp_path, capsys):
@@ -81,3 +83,27 @@ def test_soma_experiment_on_s3_reads_like_local(h5ads, tmp_path, s3_server, monk
     for a, b in zip(_batches(local), _batches(remote)):
         for field in ("rna", "protein", "protein_mask", "batch", "cell_id"):
             assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_appended_study_with_fewer_genes_lists_only_its_genes(tmp_path):
+    sim = CiteSimulator(SimulationConfig(n_cells=200, n_genes=30, n_proteins=5, n_batches=2, n_missing_proteins=0,
+                                         seed=7))
+    full = sim.to_anndata()
+    full.write_h5ad(tmp_path / "a.h5ad")
+    fewer = CiteSimulator(SimulationConfig(n_cells=150, n_genes=30, n_proteins=5, n_batches=2,
+                                           n_missing_proteins=0, seed=8)).to_anndata()[:, 10:].copy()
+    fewer.obs_names = [f"b{i}" for i in range(fewer.n_obs)]
+    fewer.write_h5ad(tmp_path / "b.h5ad")
+    soma = tmp_path / "two.soma"
+    assert main(["ingest", str(tmp_path / "a.h5ad"), "--out", str(soma), "--format", "soma", "--no-progress"]) == 0
+    assert main(["ingest", str(tmp_path / "b.h5ad"), "--out", str(soma), "--format", "soma", "--append",
+                 "--study-name", "b", "--no-progress"]) == 0
+    from streamtotal.data import open_collection
+
+    collection = open_collection(DataConfig(stores=(str(soma),)))
+    names = [s.name for s in collection.sources]
+    assert len(names) == 2 and names[1] == "b"
+    assert len(collection.sources[0].gene_names) == 30 and len(collection.sources[1].gene_names) == 20
+    assert list(collection.registry.gene_names) == list(full.var_names[10:])  # inner join: the shared genes
+    rows = collection.read(np.arange(200, 350))  # study b's cells, read through the Experiment
+    np.testing.assert_array_equal(rows.rna.numpy(), fewer.X.toarray())
