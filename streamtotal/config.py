@@ -95,6 +95,10 @@ class TrainConfig:
     """"auto" (CUDA if available, else CPU), "cpu", or "cuda[:N]"."""
     progress: bool = True
     """Show a progress bar."""
+    init_from: str | None = None
+    """Start from the weights of this trained run directory (``--from``; e.g. a totalVI run turned into
+    totalANVI): every weight the two models share is copied, new ones (the label classifier) start random. The
+    runs' genes, proteins and batches must be the same. None = random initialisation."""
 
     def __post_init__(self) -> None:
         if self.max_epochs is not None and self.max_epochs < 1:
@@ -134,6 +138,11 @@ class RunConfig:
     """The model's architecture and likelihood options."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The optimisation and data-order options."""
+
+    def __post_init__(self) -> None:
+        if self.model.label_classifier and self.data.labels_key is None:
+            raise ConfigError("model.label_classifier (totalANVI) needs labels: set data.labels_key (--labels-key) "
+                              "to the obs column of cell types")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The config as ``{"data": {...}, "model": {...}, "train": {...}}``."""

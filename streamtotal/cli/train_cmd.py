@@ -35,6 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--no-empirical-prior", dest="empirical_prior", action="store_false", default=None,
                    help="fixed protein background prior instead of the empirical per-batch one")
     m.add_argument("--adversarial", action="store_true", default=None, help="add an adversarial batch classifier")
+    m.add_argument("--totalanvi", action="store_true", default=None,
+                   help="totalANVI: train a cell-type classifier on z jointly (needs --labels-key)")
+    m.add_argument("--classification-ratio", type=float,
+                   help="totalANVI: weight of the classification loss (default 50, as scvi-tools)")
+    p.add_argument("--from", dest="init_from", metavar="RUN_DIR",
+                   help="start from the weights of a trained run (same genes, proteins, batches); without "
+                   "--config its [data] and [model] settings are the starting point, e.g. "
+                   "--from TOTALVI_RUN --totalanvi --labels-key cell_type")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, help="epochs (default: scvi-tools' rule from the number of cells)")
     t.add_argument("--batch-size", type=int, help="cells per minibatch (default 256)")
@@ -50,20 +58,40 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Defaults, then --config, then flags."""
-    config = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    """Defaults (or, with --from and no --config, the --from run's [data] and [model]), then --config, then flags."""
+    if args.config:
+        config = RunConfig.from_toml(args.config)
+    elif getattr(args, "init_from", None):
+        from pathlib import Path
+
+        from streamtotal.errors import RunDirError
+
+        toml = Path(args.init_from) / "config.toml"
+        if not toml.is_file():
+            raise RunDirError(f"--from {args.init_from}: no config.toml there; is it a training run directory?")
+        source = RunConfig.from_toml(toml)
+        config = RunConfig(data=source.data, model=source.model)
+    else:
+        config = RunConfig()
     overrides = {
         "data": {"stores": list(args.stores) or None, "batch_key": args.batch_key, "labels_key": args.labels_key,
                  "protein_key": args.protein_key, "gene_join": args.gene_join},
         "model": {"n_latent": args.n_latent, "n_hidden": args.n_hidden, "latent_library": args.latent_library,
                   "empirical_protein_background_prior": args.empirical_prior,
-                  "adversarial_classifier": args.adversarial},
+                  "adversarial_classifier": args.adversarial, "label_classifier": args.totalanvi,
+                  "classification_ratio": args.classification_ratio},
         "train": {"max_epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                   "validation_fraction": args.validation_fraction, "num_workers": args.num_workers,
                   "checkpoint_every_steps": args.checkpoint_every, "device": args.device, "threads": args.threads,
-                  "progress": False if args.no_progress else None},
+                  "progress": False if args.no_progress else None, "init_from": _absolute(args.init_from)},
     }
     return config.with_overrides(overrides)
+
+
+def _absolute(path: str | None) -> str | None:
+    from pathlib import Path
+
+    return str(Path(path).resolve()) if path else None
 
 
 def run(args: argparse.Namespace) -> None:
@@ -75,5 +103,7 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps({"run_dir": str(args.out), "steps": summary.steps, "epochs": summary.epochs,
                           "cells_per_s": round(summary.cells_per_second, 1),
                           "validation_neg_elbo": summary.validation.get("neg_elbo"),
+                          **({"validation_label_accuracy": summary.validation["label_accuracy"]}
+                             if "label_accuracy" in summary.validation else {}),
                           "stopped_early": summary.stopped_early}))
     trainer.dist.close()

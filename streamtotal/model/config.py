@@ -60,9 +60,19 @@ class ModelConfig:
     adversarial_n_layers: int = 2
     """Hidden layers of the adversarial classifier (scvi-tools: 2)."""
     label_classifier: bool = False
-    """totalANVI: a cell-type classifier on z trained jointly with the ELBO. Reserved; not implemented yet."""
+    """totalANVI: a cell-type classifier on the posterior mean of z, trained jointly with the ELBO on the cells
+    that carry a label (``data.labels_key``; the unlabeled category is ignored), so labels shape the encoder.
+    Needs at least two label categories."""
     classification_ratio: float = 50.0
-    """totalANVI: weight of the classification loss (scvi-tools' scANVI default). Reserved."""
+    """totalANVI: weight of the classification loss (mean cross-entropy over the labelled cells of a
+    minibatch) added to the training loss; 50 as scvi-tools' scANVI/totalANVI, whose loss has the same
+    per-cell scale."""
+    label_classifier_n_hidden: int | None = None
+    """totalANVI: hidden units of the classifier; None = ``n_hidden`` (as scvi-tools)."""
+    label_classifier_n_layers: int | None = None
+    """totalANVI: hidden layers of the classifier; None = ``n_layers_encoder`` (as scvi-tools); 0 = linear."""
+    label_classifier_dropout: float | None = None
+    """totalANVI: dropout of the classifier's hidden layers; None = ``dropout_rate_encoder`` (as scvi-tools)."""
 
     def __post_init__(self) -> None:
         for name in ("n_latent", "n_hidden", "n_layers_encoder", "n_layers_decoder", "adversarial_n_hidden",
@@ -88,8 +98,14 @@ class ModelConfig:
             )
         if not self.classification_ratio >= 0.0:
             raise ConfigError(f"model.classification_ratio must be >= 0, got {self.classification_ratio!r}")
-        if self.label_classifier:
-            raise ConfigError("model.label_classifier (totalANVI) is not implemented yet; set it to false")
+        for name, low in (("label_classifier_n_hidden", 1), ("label_classifier_n_layers", 0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ConfigError(f"model.{name} must be an integer >= {low} (or unset), got {value!r}")
+        if self.label_classifier_dropout is not None and not 0.0 <= self.label_classifier_dropout < 1.0:
+            raise ConfigError(
+                f"model.label_classifier_dropout must be in [0, 1), got {self.label_classifier_dropout!r}"
+            )
 
     def norms(self, part: Literal["encoder", "decoder"]) -> tuple[bool, bool]:
         """Whether ``part``'s hidden layers use (batch norm, layer norm)."""

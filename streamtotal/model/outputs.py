@@ -106,6 +106,12 @@ class LossOutput:
         z: ``[B, n_latent]`` the latent sample the decoder used (for an adversarial classifier step).
         inference: the inference outputs.
         generative: the generative outputs.
+        classification_loss: totalANVI only (else None): ``[B]`` per-cell cross-entropy of the label
+            classifier, 0 for unlabelled cells; ``loss`` then also holds ``classification_ratio`` times its mean
+            over labelled cells (``neg_elbo`` does not).
+        label_logits: totalANVI only: ``[B, n_labels]`` classifier logits (on the posterior mean of z).
+        classification_accuracy: totalANVI only: scalar fraction of labelled cells classified right (NaN when
+            the minibatch has none).
     """
 
     loss: torch.Tensor
@@ -119,3 +125,6 @@ class LossOutput:
     z: torch.Tensor
     inference: InferenceOutputs
     generative: GenerativeOutputs
+    classification_loss: torch.Tensor | None = None
+    label_logits: torch.Tensor | None = None
+    classification_accuracy: torch.Tensor | None = None

@@ -32,6 +32,7 @@ from loaders.citebatch import CiteBatch
 from streamtotal.errors import ConfigError, ModelInputError
 from streamtotal.model.adversarial import BatchClassifier
 from streamtotal.model.config import ModelConfig
+from streamtotal.model.label_classifier import LabelClassifier, add_classification_loss
 from streamtotal.model.layers import CovariateLinear, FCStack
 from streamtotal.model.likelihoods import log_nb_mixture_from_log_means
 from streamtotal.model.outputs import GenerativeOutputs, InferenceOutputs, LossOutput
@@ -60,9 +61,12 @@ class TotalVI(nn.Module):
         library_prior: ``(mean, var)`` each with ``n_batch`` elements: the per-batch prior of log library
             size, as ``LibraryPrior.finalize()`` returns. Only used when ``config.latent_library``; None =
             placeholder (0, 1) to be overwritten by a state dict.
+        n_labels: label categories (``Registry.n_labels``); used only with ``config.label_classifier``
+            (totalANVI, label_classifier.py), which needs >= 2.
 
     Raises:
-        ConfigError: sizes < 1, or an adversarial classifier with fewer than two batches.
+        ConfigError: sizes < 1, an adversarial classifier with fewer than two batches, or a label classifier
+            with fewer than two labels.
         ModelInputError: a prior of the wrong shape or with non-positive scales.
     """
 
@@ -74,6 +78,7 @@ class TotalVI(nn.Module):
         n_batch: int,
         protein_prior: tuple[torch.Tensor, torch.Tensor] | None = None,
         library_prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+        n_labels: int = 0,
     ) -> None:
         super().__init__()
         if min(n_genes, n_proteins, n_batch) < 1:
@@ -121,6 +126,7 @@ class TotalVI(nn.Module):
             BatchClassifier(c.n_latent, n_batch, c.adversarial_n_hidden, c.adversarial_n_layers)
             if c.adversarial_classifier else None
         )
+        self.label_classifier = LabelClassifier(c, n_labels) if c.label_classifier else None
 
     def _protein_prior(self, prior) -> tuple[torch.Tensor, torch.Tensor]:
         """``[n_batch, T]`` mean and scale from ``[T, n_batch]`` inputs (row gathers by batch are cheaper)."""
@@ -227,6 +233,19 @@ class TotalVI(nn.Module):
         x_in = self._encoder_input(rna, protein, protein_mask)
         mean, var = self._z_posterior(x_in, batch if self.config.encode_covariates else None)
         return mean if give_mean else mean + var.sqrt() * torch.randn_like(mean)
+
+    def predict_proba(
+        self, rna: torch.Tensor, protein: torch.Tensor, protein_mask: torch.Tensor, batch: torch.Tensor
+    ) -> torch.Tensor:
+        """totalANVI: ``[B, n_labels]`` label probabilities from the posterior mean of z (call ``eval()`` first).
+
+        Raises:
+            ConfigError: the model has no label classifier.
+        """
+        if self.label_classifier is None:
+            raise ConfigError("this model has no label classifier (model.label_classifier = false): train with "
+                              "--totalanvi --labels-key KEY")
+        return torch.softmax(self.label_classifier(self.encode(rna, protein, protein_mask, batch)), dim=-1)
 
     # ------------------------------------------------------------------ generative
 
@@ -340,7 +359,10 @@ class TotalVI(nn.Module):
         self._check_shapes(batch.rna, batch.protein, batch.protein_mask, batch.batch)
         inference = self.inference(batch.rna, batch.protein, batch.protein_mask, batch.batch)
         generative = self.generative(inference.z, inference.log_library, batch.batch)
-        return self.loss(batch, inference, generative, kl_weight)
+        out = self.loss(batch, inference, generative, kl_weight)
+        if self.label_classifier is not None:  # totalANVI
+            out = add_classification_loss(out, self.label_classifier, batch.label, self.config.classification_ratio)
+        return out
 
     def _check_shapes(self, rna, protein, protein_mask, batch) -> None:
         n = rna.shape[0]

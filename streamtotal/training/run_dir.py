@@ -91,7 +91,7 @@ def load_trained(run_dir: str | Path) -> TrainedModel:
         state, source = load_checkpoint(ckpt), ckpt
     config = RunConfig.from_dict(state["config"], where=f"{source} config")
     registry = Registry.from_dict(state["registry"])
-    model = TotalVI(config.model, registry.n_genes, registry.n_proteins, registry.n_batch)
+    model = TotalVI(config.model, registry.n_genes, registry.n_proteins, registry.n_batch, n_labels=registry.n_labels)
     model.load_state_dict(state["model"])
     model.eval()
     return TrainedModel(model=model, config=config, registry=registry, source=source)

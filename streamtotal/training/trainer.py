@@ -28,6 +28,7 @@ from streamtotal.model.kl_schedule import kl_weight
 from streamtotal.model.totalvi import TotalVI
 from streamtotal.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from streamtotal.training.distributed import DistContext
+from streamtotal.training.init_from import initialise_from
 from streamtotal.training.metrics_log import MetricsLog
 from streamtotal.training.preemption import Preempted, PreemptionFlag, injected_failure_step
 from streamtotal.training.priors import estimate_priors
@@ -120,15 +121,19 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         self.total_steps = self.epochs * self.steps_per_epoch
 
-        if checkpoint is None:
+        if checkpoint is None and not tc.init_from:
             protein_prior, library_prior = estimate_priors(
                 self.collection, self.train_ids, self.registry.n_batch, seed=tc.seed,
                 progress=tc.progress and self.dist.is_main,
             )
         else:
-            protein_prior = library_prior = None  # the checkpoint's weights hold them
+            protein_prior = library_prior = None  # the checkpoint's (or --from run's) weights hold them
         self.model = TotalVI(config.model, self.registry.n_genes, self.registry.n_proteins, self.registry.n_batch,
-                             protein_prior=protein_prior, library_prior=library_prior).to(self.device)
+                             protein_prior=protein_prior, library_prior=library_prior,
+                             n_labels=self.registry.n_labels)
+        if checkpoint is None and tc.init_from:
+            initialise_from(self.model, self.registry, tc.init_from)
+        self.model = self.model.to(self.device)
         self.ddp_model = self.dist.wrap(self.model)
         # foreach: torch's CPU default is a per-tensor loop, 8 ms a step against 2 ms here. Not the fused kernel:
         # a run resumed with it drifted from the uninterrupted run in the last bits, and exact resume comes first.

@@ -38,11 +38,14 @@ def evaluate_elbo(
         seed: seed of the latent samples (the ELBO is a one-sample estimate), so repeated evaluations agree.
 
     Returns:
-        ``{term: mean per cell}`` for every term in TERMS, plus ``n_cells``.
+        ``{term: mean per cell}`` for every term in TERMS, plus ``n_cells``; with a label classifier
+        (totalANVI) also ``label_accuracy`` (fraction of labelled cells classified right; NaN without any),
+        ``classification_loss`` (mean cross-entropy over labelled cells) and ``n_labelled``.
     """
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64)
+    labels = torch.zeros(3, dtype=torch.float64)  # correct, cross-entropy sum, labelled cells
     config = StreamConfig(batch_size=batch_size, shuffle=False, seed=seed, num_workers=0)
     loader = StreamLoader(collection, ids, config, rank=dist.rank, world_size=dist.world_size)
     loader.set_epoch(0)
@@ -54,6 +57,11 @@ def evaluate_elbo(
             for i, term in enumerate(TERMS):
                 sums[i] += getattr(out, term).double().sum().cpu()
             sums[-1] += len(batch)
+            if out.label_logits is not None:  # totalANVI
+                known = batch.label >= 0
+                hits = (out.label_logits.argmax(dim=1).cpu() == batch.label) & known
+                labels += torch.tensor([hits.sum().item(), out.classification_loss.double().sum().item(),
+                                        known.sum().item()], dtype=torch.float64)
     finally:
         torch.set_rng_state(rng_state)
         model.train(was_training)
@@ -61,4 +69,10 @@ def evaluate_elbo(
     n = max(float(sums[-1]), 1.0)
     result = {term: float(sums[i]) / n for i, term in enumerate(TERMS)}
     result["n_cells"] = int(sums[-1])
+    if getattr(model, "label_classifier", None) is not None:
+        labels = dist.all_reduce_sum(labels)
+        n_labelled = float(labels[2])
+        result["label_accuracy"] = float(labels[0]) / n_labelled if n_labelled else float("nan")
+        result["classification_loss"] = float(labels[1]) / n_labelled if n_labelled else float("nan")
+        result["n_labelled"] = int(n_labelled)
     return result

@@ -235,7 +235,7 @@ def test_unused_heads_are_not_built():
 @pytest.mark.parametrize(
     "kwargs",
     [{"n_latent": 0}, {"dropout_rate_encoder": 1.0}, {"gene_dispersion": "gene-cell"}, {"use_batch_norm": "yes"},
-     {"protein_reconstruction_weight": -1.0}, {"label_classifier": True}, {"n_hidden": 2.5}],
+     {"protein_reconstruction_weight": -1.0}, {"label_classifier_n_layers": -1}, {"n_hidden": 2.5}],
 )
 def test_invalid_configs_are_refused(kwargs):
     with pytest.raises(ConfigError):

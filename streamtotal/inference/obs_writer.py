@@ -1,0 +1,132 @@
+"""Adding obs columns to a Zarr store, chunk by chunk, published atomically (as ``loaders.obsm_writer`` for obsm).
+
+Predicted labels belong in ``obs`` (``adata.obs["streamtotal_label"]``), where scanpy looks for them, not in an
+obsm matrix. Each new column is written as it is computed into a hidden element ``obs/.tmp-<name>`` in
+AnnData's own zarr v2 encoding:
+
+    numeric column      obs/<name>                 array, encoding-type "array"
+    categorical column  obs/<name>/codes           int array (chunked, written chunk by chunk)
+                        obs/<name>/categories      string-array (known up front: the model's labels)
+
+``commit`` then renames every temporary element over its final name, appends the new names to the obs group's
+``column-order`` (its ``.zattrs`` rewritten through a temporary file and an atomic rename), and
+reconsolidates the store's metadata, so ``anndata.read_zarr`` sees the columns. A job killed before
+``commit`` leaves the store's previous obs (and the columns it listed) untouched: readers follow
+``column-order``, which still names only the old columns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import zarr
+
+from loaders.errors import StoreFormatError
+from loaders.store_layout import DENSE_ENCODING, ZARR_FORMAT, StoreLayoutConfig
+
+CATEGORICAL_ENCODING = {"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False}
+
+
+class ObsColumnWriter:
+    """Writes new ``[n_obs]`` columns into ``<store>/obs``.
+
+    Args:
+        store_path: a local AnnData-layout Zarr store.
+        n_obs: rows (cells) of the store.
+        columns: ``{name: categories}`` for a categorical column (a sequence of str), or ``{name: dtype}``
+            (e.g. ``"float32"``) for a numeric one.
+        protected: names that must not be overwritten (e.g. the label column used for training).
+
+    Raises:
+        StoreFormatError: not a local AnnData Zarr store, a bad or protected column name.
+    """
+
+    def __init__(self, store_path: str | Path, n_obs: int, columns: dict[str, Sequence[str] | str],
+                 protected: Sequence[str] = ()) -> None:
+        from anndata.io import write_elem
+
+        self.store_path = Path(store_path)
+        self.obs_dir = self.store_path / "obs"
+        if not (self.obs_dir / ".zattrs").is_file():
+            raise StoreFormatError(
+                f"{store_path} is not a local AnnData Zarr store with an obs group; results can be written back "
+                "only into stores made by `streamtotal ingest` (or anndata.write_zarr) on a local disk"
+            )
+        obs = zarr.open_group(str(self.obs_dir), mode="r+", zarr_format=ZARR_FORMAT, use_consolidated=False)
+        index_key = obs.attrs.get("_index", "_index")
+        for name in columns:
+            if "/" in name or name.startswith(".") or name in (index_key, *protected):
+                raise StoreFormatError(f"cannot write obs column {name!r} (a plain, unprotected name is needed)")
+        self.n_obs = n_obs
+        self.names = list(columns)
+        self._arrays: dict[str, zarr.Array] = {}
+        layout = StoreLayoutConfig()
+        chunk = layout.row_chunk(1)
+        for name, spec in columns.items():
+            tmp = f".tmp-{name}"
+            if tmp in obs:
+                del obs[tmp]
+            if isinstance(spec, str):
+                self._arrays[name] = obs.create_array(
+                    tmp, shape=(n_obs,), chunks=(chunk,), dtype=spec, compressors=layout.compressor(),
+                    attributes=dict(DENSE_ENCODING))
+            else:
+                categories = [str(c) for c in spec]
+                code_dtype = "int8" if len(categories) < 128 else "int16" if len(categories) < 32768 else "int32"
+                group = obs.create_group(tmp)
+                group.attrs.update(CATEGORICAL_ENCODING)
+                write_elem(group, "categories", np.asarray(categories, dtype=object))
+                self._arrays[name] = group.create_array(
+                    "codes", shape=(n_obs,), chunks=(chunk,), dtype=code_dtype, compressors=layout.compressor(),
+                    attributes=dict(DENSE_ENCODING))
+        self._written = np.zeros(n_obs, dtype=bool)
+
+    def write_rows(self, ids: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """Writes ``values[name][i]`` into row ``ids[i]`` of every column (category codes for categoricals)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        ids = ids[order]
+        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+        starts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [len(ids)]])
+        for name, array in self._arrays.items():
+            column = np.asarray(values[name])[order].astype(array.dtype)
+            for s, e in zip(starts, ends):
+                if e > s:
+                    array[int(ids[s]): int(ids[e - 1]) + 1] = column[s:e]
+        self._written[ids] = True
+
+    def commit(self) -> None:
+        """Publishes the columns (rename, ``column-order``, consolidated metadata).
+
+        Raises:
+            StoreFormatError: some rows were never written (the temporary elements are kept).
+        """
+        missing = np.flatnonzero(~self._written)
+        if len(missing):
+            raise StoreFormatError(
+                f"refusing to publish obs columns {self.names} in {self.store_path}: {len(missing)} of {self.n_obs} "
+                f"rows were never written (first: cell {int(missing[0])})"
+            )
+        for name in self.names:
+            final, tmp, old = self.obs_dir / name, self.obs_dir / f".tmp-{name}", self.obs_dir / f".old-{name}"
+            if old.exists():
+                shutil.rmtree(old)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old.exists():
+                shutil.rmtree(old)
+        attrs_path = self.obs_dir / ".zattrs"
+        attrs = json.loads(attrs_path.read_text())
+        order = list(attrs.get("column-order", []))
+        attrs["column-order"] = order + [n for n in self.names if n not in order]
+        tmp_attrs = self.obs_dir / ".zattrs.tmp"
+        tmp_attrs.write_text(json.dumps(attrs, indent=2))
+        os.replace(tmp_attrs, attrs_path)
+        zarr.consolidate_metadata(str(self.store_path), zarr_format=ZARR_FORMAT)
