@@ -1,0 +1,134 @@
+"""Posterior predictive counts, ELBO / reconstruction error and the importance-sampled marginal log-likelihood."""
+
+import math
+import numpy as np
+import pytest
+import torch
+
+from streamtotal.errors import ConfigError, SelectionError
+from streamtotal.inference import predictive
+from streamtotal.inference.expression import StorePosterior
+from streamtotal.inference.posterior import decode, draw_posterior
+from streamtotal.model.likelihoods import log_nb, log_nb_mixture
+
+
+@pytest.fixture(scope="module")
+def post(trained, small_store):
+    return StorePosterior(trained, small_store, batch_size=64, device="cpu", progress=False)
+
+
+def _read(post, ids):
+    return post.collection.read(np.sort(np.asarray(ids)))
+
+
+def test_predictive_shapes_subsets_and_determinism(post):
+    reg = post.registry
+    ids = np.array([401, 5, 260, 33, 120])
+    rna, protein = predictive.posterior_predictive_sample(post, ids, seed=4)
+    assert rna.shape == (5, reg.n_genes) and protein.shape == (5, reg.n_proteins)
+    rna3, protein3 = predictive.posterior_predictive_sample(post, ids, 3, seed=4)
+    assert rna3.shape == (3, 5, reg.n_genes) and protein3.shape == (3, 5, reg.n_proteins)
+    for counts in (rna3, protein3):
+        assert (counts >= 0).all() and (counts == np.round(counts)).all()
+    again = predictive.posterior_predictive_sample(post, ids, 3, seed=4)
+    np.testing.assert_array_equal(again[0], rna3)
+    np.testing.assert_array_equal(again[1], protein3)
+    other = predictive.posterior_predictive_sample(post, ids, 3, seed=5)
+    assert not np.array_equal(other[0], rna3)
+    genes, proteins = [reg.gene_names[3], reg.gene_names[0]], [reg.protein_names[2]]
+    sub_rna, sub_protein = predictive.posterior_predictive_sample(post, ids, genes=genes, proteins=proteins)
+    assert sub_rna.shape == (5, 2) and sub_protein.shape == (5, 1)
+    with pytest.raises(SelectionError, match="NOPE"):
+        predictive.posterior_predictive_sample(post, ids, genes=["NOPE"])
+    with pytest.raises(ConfigError):
+        predictive.posterior_predictive_sample(post, ids, 0)
+
+
+@torch.no_grad()
+def test_predictive_mean_matches_expected_counts(post):
+    """Mean of many predictive draws ~= E_q[l rho] (RNA) and E_q[(1 - pi) beta alpha + pi beta] (protein)."""
+    ids = np.array([3, 90, 200, 333, 480])
+    n = 1500
+    rna, protein = predictive.posterior_predictive_sample(post, ids, n, seed=1)
+    batch = _read(post, ids)
+    draws = draw_posterior(post.model, batch, 4000, sample=True, generator=torch.Generator().manual_seed(99))
+    gen = decode(post.model, draws, batch.batch)
+    pi = torch.sigmoid(gen.mix_logits)
+    expected_rna = gen.rna_rate.reshape(4000, len(ids), -1).double().mean(0).numpy()
+    expected_protein = ((1 - pi) * gen.protein_rate_fore + pi * gen.protein_rate_back)
+    expected_protein = expected_protein.reshape(4000, len(ids), -1).double().mean(0).numpy()
+    for counts, expected in ((rna, expected_rna), (protein, expected_protein)):
+        mean, se = counts.mean(0), counts.std(0) / np.sqrt(n)
+        # Monte Carlo error of the draws (5 standard errors) plus 3% for the 4000-draw expectation itself.
+        assert (np.abs(mean - expected) <= 5 * se + 0.03 * expected + 1e-3).all()
+    assert expected_rna.sum() > 1000 and expected_protein.sum() > 50  # the check is not vacuous
+
+
+@torch.no_grad()
+def test_reconstruction_error_is_rna_plus_protein_nll_from_reference_likelihoods(post):
+    ids = np.arange(40, 90)  # within one batch of 64: the draws are those of one draw_posterior call
+    terms = predictive.elbo(post, ids, per_cell=True, seed=7)
+    recon = predictive.reconstruction_error(post, ids, per_cell=True, seed=7)
+    np.testing.assert_array_equal(recon, terms["reconstruction"])
+    batch = _read(post, ids)
+    draws = draw_posterior(post.model, batch, 1, sample=True, generator=torch.Generator().manual_seed(7))
+    gen = decode(post.model, draws, batch.batch)
+    rna_nll = -log_nb(batch.rna, gen.rna_rate, gen.rna_log_theta.exp()).sum(1)
+    protein_ll = log_nb_mixture(batch.protein, gen.protein_rate_back, gen.protein_rate_fore, gen.protein_theta,
+                                gen.mix_logits)
+    protein_nll = -torch.where(batch.protein_mask, protein_ll, 0.0).sum(1)
+    np.testing.assert_allclose(terms["rna_nll"], rna_nll.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(terms["protein_nll"], protein_nll.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(recon, (rna_nll + protein_nll).numpy(), rtol=1e-4)
+    kl = terms["kl_z"] + terms["kl_background"] + terms["kl_library"]
+    np.testing.assert_allclose(terms["elbo"], -(terms["reconstruction"] + kl), rtol=1e-6)
+    means = predictive.elbo(post, ids, seed=7)
+    assert means["elbo"] == pytest.approx(terms["elbo"].mean())
+
+
+def test_marginal_ll_bounds_the_elbo_and_tightens_with_more_samples(post):
+    ids = np.arange(0, 500, 10)
+    elbo = np.mean([predictive.elbo(post, ids, seed=s)["elbo"] for s in range(4)])
+    ll = {k: predictive.marginal_ll(post, ids, n_mc_samples=k, chunk_size=16, seed=2) for k in (1, 10, 100, 200)}
+    # One importance sample is a one-draw ELBO (analytic KLs there): same expectation.
+    assert ll[1] == pytest.approx(elbo, abs=0.02 * abs(elbo))
+    assert ll[100] >= elbo
+    assert ll[1] <= ll[10] + 0.5 and ll[10] <= ll[100] + 0.5
+    assert ll[100] - ll[1] > 1.0  # the bound really tightens
+    assert abs(ll[200] - ll[100]) < 0.25 * (ll[100] - ll[1])  # and settles
+    per_cell = predictive.marginal_ll(post, ids, n_mc_samples=10, chunk_size=3, per_cell=True, seed=2)
+    assert per_cell.shape == (ids.size,) and np.isfinite(per_cell).all()
+    with pytest.raises(ConfigError):
+        predictive.marginal_ll(post, ids, n_mc_samples=0)
+
+
+@torch.no_grad()
+def test_importance_weights_average_to_minus_neg_elbo_with_a_latent_library(post):
+    """E_q[log w] = -E_q[neg_elbo] (analytic KLs of z, log beta and log l), here for a latent-library model."""
+    from streamtotal.model.config import ModelConfig
+    from streamtotal.model.totalvi import TotalVI
+
+    reg = post.registry
+    torch.manual_seed(0)
+    model = TotalVI(ModelConfig(n_latent=3, n_hidden=16, latent_library=True), reg.n_genes, reg.n_proteins,
+                    len(reg.batch_categories), library_prior=(torch.full((2,), 6.0), torch.full((2,), 0.05))).eval()
+    # Narrow posteriors (q(log l) = N(7.8, 0.01), var z ~ 0.02, sd log beta ~ 0.05) keep the Monte Carlo error
+    # well below each KL term.
+    model.library_head.weight.zero_()
+    model.library_head.bias.copy_(torch.tensor([7.8, math.log(0.01)]))
+    model.z_head.weight[3:].zero_()
+    model.z_head.bias[3:] = -4.0
+    t = reg.n_proteins
+    model.background_head.weight[t:].zero_()
+    model.background_head.cov_weight[:, t:].zero_()
+    model.background_head.bias[t:] = -3.0
+    batch = _read(post, np.r_[0:6, 300:306])  # both batches; the second lacks two proteins
+    gen = torch.Generator().manual_seed(0)
+    log_w = predictive.log_importance_weights(model, batch, 3000, generator=gen).double()
+    neg_elbo = torch.stack([predictive.elbo_terms(model, batch, generator=gen).neg_elbo for _ in range(600)]).double()
+    assert (predictive.elbo_terms(model, batch, generator=gen).kl_library != 0).all()
+    se = (log_w.var(0) / log_w.shape[0] + neg_elbo.var(0) / neg_elbo.shape[0]).sqrt()
+    diff = (log_w.mean(0) + neg_elbo.mean(0)).abs()
+    assert (diff < 4 * se).all(), (diff / se).tolist()
+    terms = predictive.elbo_terms(model, batch, generator=gen)
+    assert (4 * se < terms.kl_library).all() and (4 * se < terms.kl_background).all()  # a missing term would show
