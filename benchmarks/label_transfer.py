@@ -1,0 +1,152 @@
+"""Label transfer on real CITE-seq (10x PBMC 10k): reference/query mapping with streamtotal and scvi-tools.
+
+The labelled cells are split 50/50 at random (seed 0) into a reference batch and a query batch. Each method trains
+on the reference, maps the query (scArches-style: the query is a new batch), predicts the query's labels, and is
+scored against the held-back true labels (accuracy and macro-F1):
+
+- streamtotal totalANVI: ``train --totalanvi`` on the reference, ``map --predict`` for the query;
+- scvi-tools TOTALVI + kNN (k=15) on the latent: TOTALVI on the reference, ``load_query_data`` + query training;
+- scvi-tools TOTALANVI (scvi.external): the same with its classifier.
+
+Same epochs for every model and stage. Each method runs in its own process. Prints one JSON object.
+
+    python benchmarks/label_transfer.py [--epochs 50] [--query-epochs 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pbmc10k_cite.h5ad"
+
+
+def split(data: Path, work: Path) -> None:
+    import anndata as ad
+
+    adata = ad.read_h5ad(data)
+    adata = adata[adata.obs["cell_type"] != "unlabeled"].copy()
+    rng = np.random.default_rng(0)
+    is_ref = np.zeros(adata.n_obs, dtype=bool)
+    is_ref[rng.permutation(adata.n_obs)[: adata.n_obs // 2]] = True
+    adata.obs["batch"] = np.where(is_ref, "reference", "query")
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    adata[is_ref].copy().write_h5ad(work / "reference.h5ad")
+    query = adata[~is_ref].copy()
+    query.obs["true_cell_type"] = query.obs["cell_type"]
+    query.obs["cell_type"] = "unlabeled"  # the query's labels are hidden from every method
+    query.write_h5ad(work / "query.h5ad")
+
+
+def score(truth: np.ndarray, predicted: np.ndarray) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {"accuracy": float(accuracy_score(truth, predicted)),
+            "macro_f1": float(f1_score(truth, predicted, average="macro"))}
+
+
+def run_streamtotal(work: Path, epochs: int, query_epochs: int) -> dict:
+    import anndata as ad
+
+    from loaders.ingest import ingest
+    from streamtotal.config import DataConfig, RunConfig, TrainConfig
+    from streamtotal.model.config import ModelConfig
+    from streamtotal.surgery.map_query import map_query
+    from streamtotal.training.trainer import Trainer
+
+    for name in ("reference", "query"):
+        ingest(work / f"{name}.h5ad", work / f"{name}.zarr", batch_key="batch", progress=False, overwrite=True)
+    t0 = time.perf_counter()
+    config = RunConfig(data=DataConfig(stores=(str(work / "reference.zarr"),), batch_key="batch",
+                                       labels_key="cell_type"),
+                       model=ModelConfig(label_classifier=True),
+                       train=TrainConfig(max_epochs=epochs, progress=False, checkpoint_every_steps=10**9))
+    Trainer(config, work / "st_reference").fit()
+    t1 = time.perf_counter()
+    map_query(work / "st_reference", [str(work / "query.zarr")], work / "st_query", epochs=query_epochs,
+              predict=True, verbose=False)
+    t2 = time.perf_counter()
+    stored = ad.read_zarr(work / "query.zarr")
+    truth = ad.read_h5ad(work / "query.h5ad").obs["true_cell_type"].astype(str).to_numpy()
+    return {**score(truth, stored.obs["streamtotal_label"].astype(str).to_numpy()),
+            "reference_seconds": t1 - t0, "query_seconds": t2 - t1}
+
+
+def run_scvi(work: Path, epochs: int, query_epochs: int, model_name: str) -> dict:
+    import anndata as ad
+    import scvi
+    from sklearn.neighbors import KNeighborsClassifier
+
+    scvi.settings.seed = 0
+    ref, query = ad.read_h5ad(work / "reference.h5ad"), ad.read_h5ad(work / "query.h5ad")
+    truth = query.obs["true_cell_type"].astype(str).to_numpy()
+    kwargs = dict(accelerator="cpu", devices=1, enable_progress_bar=False)
+    t0 = time.perf_counter()
+    if model_name == "totalvi":
+        cls = scvi.model.TOTALVI
+        cls.setup_anndata(ref, protein_expression_obsm_key="protein_expression", batch_key="batch")
+        model = cls(ref)
+    else:
+        from scvi.external import TOTALANVI as cls
+
+        cls.setup_anndata(ref, protein_expression_obsm_key="protein_expression", batch_key="batch",
+                          labels_key="cell_type", unlabeled_category="unlabeled")
+        model = cls(ref)
+    model.train(max_epochs=epochs, **kwargs)
+    t1 = time.perf_counter()
+    query_model = cls.load_query_data(query, model)
+    query_model.train(max_epochs=query_epochs, plan_kwargs={"weight_decay": 0.0}, **kwargs)
+    t2 = time.perf_counter()
+    if model_name == "totalvi":
+        knn = KNeighborsClassifier(n_neighbors=15).fit(model.get_latent_representation(ref),
+                                                       ref.obs["cell_type"].astype(str).to_numpy())
+        predicted = knn.predict(query_model.get_latent_representation(query))
+    else:
+        predicted = np.asarray(query_model.predict(query)).astype(str)
+    return {**score(truth, predicted), "reference_seconds": t1 - t0, "query_seconds": t2 - t1,
+            "version": scvi.__version__}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--query-epochs", type=int, default=50)
+    p.add_argument("--workdir")
+    p.add_argument("--only", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.only:
+        work = Path(args.workdir)
+        result = (run_streamtotal(work, args.epochs, args.query_epochs) if args.only == "streamtotal"
+                  else run_scvi(work, args.epochs, args.query_epochs, args.only))
+        print("RESULT " + json.dumps(result))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        split(Path(args.data), work)
+        results = {}
+        for name, key in (("streamtotal", "streamtotal_totalanvi"), ("totalvi", "scvi_totalvi_knn"),
+                          ("totalanvi", "scvi_totalanvi")):
+            proc = subprocess.run([sys.executable, __file__, "--only", name, "--workdir", str(work), "--epochs",
+                                   str(args.epochs), "--query-epochs", str(args.query_epochs)], capture_output=True,
+                                  text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            results[key] = json.loads(lines[-1][7:]) if lines else {"error": (proc.stderr or proc.stdout)[-2000:]}
+        st, anvi = results["streamtotal_totalanvi"], results["scvi_totalanvi"]
+        print(json.dumps({"benchmark": "label_transfer", "data": args.data, "epochs": args.epochs,
+                          "query_epochs": args.query_epochs, **results,
+                          "streamtotal_matches_or_beats_scvi_totalanvi_accuracy":
+                              st.get("accuracy", 0) >= anvi.get("accuracy", 1)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
