@@ -6,6 +6,8 @@ import queue
 import threading
 from typing import Callable, Iterable, Iterator, TypeVar
 
+from loaders.thread_priority import lower_current_thread_priority
+
 T = TypeVar("T")
 I = TypeVar("I")
 
@@ -39,6 +41,7 @@ def prefetch(fn: Callable[[I], T], items: Iterable[I], ahead: int) -> Iterator[T
     stop = threading.Event()
 
     def produce() -> None:
+        lower_current_thread_priority()  # read on cycles the trainer leaves idle (see thread_priority)
         try:
             for item in items:
                 while not tokens.acquire(timeout=_POLL_S):

@@ -17,6 +17,8 @@ import zarr
 from numcodecs.compat import ensure_ndarray_like
 from zarr.storage import LocalStore
 
+from loaders.thread_priority import lower_current_thread_priority
+
 
 class LocalChunkReader:
     """Reads ``[start, stop)`` row ranges (axis 0) of one local zarr v2 array."""
@@ -51,6 +53,7 @@ class LocalChunkReader:
 
     def read_ranges(self, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
         """Returns rows ``starts[i]:stops[i]`` for each i; each chunk is decoded once."""
+        lower_current_thread_priority()  # runs in a worker thread of zarr's loop: decode on idle cycles
         c = self._rows
         first, last = starts // c, (stops - 1) // c
         decoded = {int(j): self._chunk(int(j)) for j in np.unique(np.concatenate(
