@@ -62,6 +62,9 @@ class TrainConfig:
     """KL warm-up length as a fraction of the planned total steps, so it always finishes (0 = no warm-up)."""
     validation_fraction: float = 0.1
     """Fraction of cells held out (chosen deterministically from the seed) for validation."""
+    validation_cache_mb: int = 512
+    """Keep the validation minibatches in memory after the first pass (they are evaluated every epoch) when
+    they fit in this many MiB as dense float32; larger validation sets are re-read every epoch. 0 = never."""
     reduce_lr_on_plateau: bool = True
     """Multiply the learning rate by ``lr_factor`` when the validation loss has not improved for
     ``lr_patience`` epochs (as scvi-tools TOTALVI)."""
@@ -113,8 +116,10 @@ class TrainConfig:
                      "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        if self.num_workers < 0 or self.prefetch_batches < 0 or self.threads < 0 or self.early_stopping_patience < 0:
-            raise ConfigError("train.num_workers, prefetch_batches, threads and early_stopping_patience must be >= 0")
+        if (self.num_workers < 0 or self.prefetch_batches < 0 or self.threads < 0 or self.early_stopping_patience < 0
+                or self.validation_cache_mb < 0):
+            raise ConfigError("train.num_workers, prefetch_batches, threads, early_stopping_patience and "
+                              "validation_cache_mb must be >= 0")
 
     def effective_lr(self, world_size: int) -> float:
         """The learning rate for a job of ``world_size`` processes, per ``lr_scaling``."""

@@ -33,11 +33,12 @@ from streamtotal.training.metrics_log import MetricsLog
 from streamtotal.training.preemption import Preempted, PreemptionFlag, injected_failure_step
 from streamtotal.training.priors import estimate_priors
 from streamtotal.training.run_dir import RunDir
-from streamtotal.training.validation import evaluate_elbo
+from streamtotal.training.validation import ValidationBatches, evaluate_elbo
 
 # Train-config fields that may differ between a run and its resumption: they change neither the data order
 # nor the optimisation.
-_RESUMABLE_CHANGES = {"progress", "device", "threads", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps"}
+_RESUMABLE_CHANGES = {"progress", "device", "threads", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
+                      "validation_cache_mb"}
 
 
 @dataclass
@@ -74,6 +75,8 @@ class Trainer:
         run_dir: where checkpoints, metrics and the final model go.
         resume: continue from the newest checkpoint in ``run_dir`` (starts fresh when there is none).
         collection: an already-open collection (else opened from ``config.data.stores``).
+        surgery: query mapping (``streamtotal.surgery.map_query.QuerySurgery``): train its prebuilt, partly
+            frozen ``model`` with the optimiser param groups its ``param_groups(weight_decay)`` gives.
 
     Raises:
         RunDirError: ``run_dir`` already holds checkpoints and ``resume`` is False.
@@ -81,7 +84,7 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False,
-                 collection: Collection | None = None) -> None:
+                 collection: Collection | None = None, surgery=None) -> None:
         self.config = config
         tc = config.train
         self.device = resolve_device(tc.device)
@@ -117,27 +120,35 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
+        # Validation re-evaluates the same cells every epoch: read them once (see ValidationBatches).
+        self.validation_batches = ValidationBatches(
+            self.collection, self.val_ids, dist=self.dist, batch_size=max(tc.batch_size, 1024), seed=tc.seed,
+            max_bytes=tc.validation_cache_mb << 20) if len(self.val_ids) else None
         self.epochs = tc.epochs_for(len(self.train_ids))
         self.steps_per_epoch = len(self.loader)
         self.total_steps = self.epochs * self.steps_per_epoch
 
-        if checkpoint is None and not tc.init_from:
+        if checkpoint is None and not tc.init_from and surgery is None:
             protein_prior, library_prior = estimate_priors(
                 self.collection, self.train_ids, self.registry.n_batch, seed=tc.seed,
                 progress=tc.progress and self.dist.is_main,
             )
         else:
             protein_prior = library_prior = None  # the checkpoint's (or --from run's) weights hold them
-        self.model = TotalVI(config.model, self.registry.n_genes, self.registry.n_proteins, self.registry.n_batch,
-                             protein_prior=protein_prior, library_prior=library_prior,
-                             n_labels=self.registry.n_labels)
+        if surgery is not None:
+            self.model = surgery.model
+        else:
+            self.model = TotalVI(config.model, self.registry.n_genes, self.registry.n_proteins,
+                                 self.registry.n_batch, protein_prior=protein_prior, library_prior=library_prior,
+                                 n_labels=self.registry.n_labels)
         if checkpoint is None and tc.init_from:
             initialise_from(self.model, self.registry, tc.init_from)
         self.model = self.model.to(self.device)
         self.ddp_model = self.dist.wrap(self.model)
         # foreach: torch's CPU default is a per-tensor loop, 8 ms a step against 2 ms here. Not the fused kernel:
         # a run resumed with it drifted from the uninterrupted run in the last bits, and exact resume comes first.
-        self.optimizer = torch.optim.Adam(self.model.vae_parameters(), lr=tc.effective_lr(self.dist.world_size),
+        params = surgery.param_groups(tc.weight_decay) if surgery is not None else self.model.vae_parameters()
+        self.optimizer = torch.optim.Adam(params, lr=tc.effective_lr(self.dist.world_size),
                                           eps=tc.eps, weight_decay=tc.weight_decay, foreach=True)
         self.adv_optimizer = None
         if config.model.adversarial_classifier:
@@ -264,6 +275,8 @@ class Trainer:
         fail_at = injected_failure_step()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train",
                    disable=not (tc.progress and self.dist.is_main), dynamic_ncols=True)
+        if self.validation_batches is not None and tc.num_workers == 0:
+            self.validation_batches.start_background_fill()  # read on idle cycles, not at the first validation
         self.model.train()
         try:
             while self.epoch < self.epochs and not self.stopped_early:
@@ -349,8 +362,8 @@ class Trainer:
         tc = self.config.train
         if len(self.val_ids):
             self.last_validation = evaluate_elbo(self.model, self.collection, self.val_ids, dist=self.dist,
-                                                 device=self.device, batch_size=max(tc.batch_size, 1024),
-                                                 seed=tc.seed)
+                                                 device=self.device, seed=tc.seed,
+                                                 batches=self.validation_batches)
             self.metrics.write({"kind": "validation", "step": self.step, "epoch": self.epoch,
                                 **{f"val_{k}": v for k, v in self.last_validation.items()}})
             value = self.last_validation["neg_elbo"]

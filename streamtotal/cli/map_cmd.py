@@ -1,0 +1,70 @@
+"""``streamtotal map``: scArches reference mapping of query stores onto a trained totalVI / totalANVI run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from streamtotal.surgery.freeze import UNFROZEN_CHOICES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "map",
+        help="map query stores onto a trained reference (scArches surgery), streamed and checkpointed",
+        description="Aligns QUERY_STORE(s) onto REFERENCE_RUN's genes and proteins by name (missing genes "
+        "zero-filled, refused below --min-gene-overlap; extra genes dropped; missing proteins masked, extra ones "
+        "dropped; written to OUT/alignment.json), adds covariate weights for the query's new batches and trains "
+        "only what --unfrozen names, everything else bit-identical to the reference (no gradient, no weight decay, "
+        "frozen batch norms in eval mode). Training streams, checkpoints and resumes like `streamtotal train` "
+        "(also under torchrun). OUT then works with `embed` and `predict`.",
+    )
+    p.add_argument("reference_run", help="trained reference run directory (totalVI or totalANVI)")
+    p.add_argument("query_stores", nargs="+", help="query stores (Zarr, .h5ad, TileDB-SOMA, lamin://)")
+    p.add_argument("--out", required=True, help="query run directory")
+    p.add_argument("--epochs", type=int, help="query epochs (default: scvi-tools' rule from the query's size)")
+    p.add_argument("--unfrozen", choices=UNFROZEN_CHOICES, default="covariates",
+                   help="what trains: covariates (default, scArches: the new batches' weights only), "
+                   "covariates+batchnorm, or all (fine-tune everything)")
+    p.add_argument("--new-batch-init", choices=["random", "zeros", "mean"], default="random",
+                   help="initial covariate weights of the new batches (default random, as scArches)")
+    p.add_argument("--no-dropout", action="store_true", help="switch dropout off during query training")
+    p.add_argument("--min-gene-overlap", type=float,
+                   help="refuse a query study sharing less than this fraction of the reference genes")
+    p.add_argument("--batch-key", help="obs column of the query's batch (default: the reference's)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--predict", action="store_true",
+                   help="totalANVI reference: afterwards write predicted labels, probabilities, uncertainty and "
+                   "latent into every query store (as `streamtotal predict`)")
+    p.add_argument("--prefix", default="streamtotal", help="prefix of the --predict results (default streamtotal)")
+    t = p.add_argument_group("training (default: the reference's settings)")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--checkpoint-every", type=int)
+    t.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    t.add_argument("--threads", type=int)
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from streamtotal.surgery.freeze import SurgeryConfig
+    from streamtotal.surgery.map_query import map_query
+
+    train = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
+             "checkpoint_every_steps": args.checkpoint_every, "device": args.device, "threads": args.threads,
+             "progress": False if args.no_progress else None}
+    surgery = SurgeryConfig(unfrozen=args.unfrozen, new_batch_init=args.new_batch_init, dropout=not args.no_dropout)
+    result = map_query(args.reference_run, args.query_stores, args.out, surgery=surgery, epochs=args.epochs,
+                       batch_key=args.batch_key, min_gene_overlap=args.min_gene_overlap, resume=args.resume,
+                       train={k: v for k, v in train.items() if v is not None}, predict=args.predict,
+                       prefix=args.prefix, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"run_dir": str(args.out), "new_batches": result.report["new_batches"],
+                          "steps": result.summary.steps, "epochs": result.summary.epochs,
+                          "validation_neg_elbo": result.summary.validation.get("neg_elbo"),
+                          "predicted": [{"n_cells": r.n_cells, "counts": r.counts, "written": r.written}
+                                        for r in result.predictions]}))

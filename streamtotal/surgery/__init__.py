@@ -1,0 +1,1 @@
+"""scArches-style reference mapping (architecture surgery) of totalVI / totalANVI runs onto query data."""

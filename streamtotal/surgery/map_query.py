@@ -1,0 +1,217 @@
+"""``streamtotal map``: map a query onto a trained reference by scArches surgery, with the reference's Trainer.
+
+    REFERENCE_RUN + QUERY_STORE(s) ──► align the query onto the reference registry by name (genes zero-filled /
+    dropped, proteins masked / dropped, new batches appended) ──► alignment.json ──► expanded model (reference
+    weights + new-batch rows, expand.py) ──► freeze per the recipe (freeze.py) ──► Trainer: streamed,
+    checkpointed, exactly resumable, DDP ──► QUERY_RUN/model.pt + registry.json (embed / predict work on it)
+    ──► optionally predict_labels into the query store (totalANVI references).
+
+The recipe and the reference are recorded in the query registry's ``extra["surgery"]`` (so in every checkpoint
+and in model.pt); resuming with another recipe or reference is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from loaders.alignment import index_map
+from loaders.plan import split_validation
+from loaders.registry import Registry
+from streamtotal.config import RunConfig
+from streamtotal.data import open_collection
+from streamtotal.errors import CheckpointError, ConfigError
+from streamtotal.model.totalvi import TotalVI
+from streamtotal.surgery.expand import expand_reference, query_model_config
+from streamtotal.surgery.freeze import Freezing, SurgeryConfig, freeze
+from streamtotal.training.checkpoint import atomic_write_bytes
+from streamtotal.training.priors import estimate_priors
+from streamtotal.training.run_dir import RunDir, TrainedModel, load_trained
+
+ALIGNMENT_FILE = "alignment.json"
+
+
+@dataclass
+class QuerySurgery:
+    """What ``Trainer(surgery=...)`` trains: the expanded, partly frozen model and its optimiser groups.
+
+    Attributes:
+        model: the query model (reference weights + new-batch rows), frozen per the recipe.
+        freezing: which tensors train.
+        batch_rows: names of its batch-indexed tensors (rows ``[:n_reference_batches]`` are the reference's).
+        n_reference_batches: batches of the reference.
+    """
+
+    model: TotalVI
+    freezing: Freezing
+    batch_rows: set[str]
+    n_reference_batches: int
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The optimiser's param groups (frozen tensors excluded; see ``Freezing.param_groups``)."""
+        return self.freezing.param_groups(weight_decay)
+
+
+def query_config(reference: TrainedModel, stores, *, epochs: int | None = None, batch_key: str | None = None,
+                 min_gene_overlap: float | None = None, train: dict | None = None) -> RunConfig:
+    """The query run's config: the reference's [data] read options on the query stores, its architecture
+    (``query_model_config``) and its [train] options with ``epochs`` (None = scvi-tools' rule on the query's
+    size) and ``train`` overrides. ``data.labels_key`` stays the reference's (a totalANVI config needs one), but
+    the query's labels are not read (``build_query_trainer`` opens it without): queries are usually unlabelled
+    and the label classifier is frozen."""
+    ref = reference.config
+    data = replace(ref.data, stores=tuple(str(s) for s in stores),
+                   batch_key=batch_key if batch_key is not None else ref.data.batch_key,
+                   min_gene_overlap=ref.data.min_gene_overlap if min_gene_overlap is None else min_gene_overlap)
+    train_cfg = replace(ref.train, max_epochs=epochs, init_from=None, **(train or {}))
+    return RunConfig(data=data, model=query_model_config(ref.model), train=train_cfg)
+
+
+def alignment_report(collection, reference: Registry, captured: list[str]) -> dict:
+    """What aligning the query onto the reference did, per study: genes zero-filled / dropped, proteins masked /
+    dropped (and whether the panel came in another order), and the new batches."""
+    genes, proteins = list(reference.gene_names), list(reference.protein_names)
+    studies = []
+    for source in collection.sources:
+        g = np.asarray(source.gene_names).astype(str)
+        p = np.asarray(source.protein_names).astype(str)
+        gmap, pmap = index_map(g, genes), index_map(p, proteins)
+        measured_cols = np.asarray(source.protein_panels, dtype=bool).any(axis=0)
+        measured = set(p[measured_cols & (pmap >= 0)].tolist())
+        missing_genes = sorted(set(genes) - set(g.tolist()))
+        kept_order = pmap[pmap >= 0]
+        studies.append({
+            "study": source.name, "n_cells": int(source.n_obs),
+            "gene_overlap": float((gmap >= 0).sum()) / max(len(genes), 1),
+            "genes_missing_zero_filled": len(missing_genes), "genes_missing_examples": missing_genes[:20],
+            "genes_dropped": int((gmap < 0).sum()), "genes_dropped_examples": g[gmap < 0][:20].tolist(),
+            "proteins_masked": [name for name in proteins if name not in measured],
+            "proteins_dropped": p[pmap < 0].tolist(),
+            "protein_order_differs": bool((np.diff(kept_order) < 0).any()),
+        })
+    registry = collection.registry
+    return {"reference_batches": list(reference.batch_categories),
+            "new_batches": list(registry.batch_categories[reference.n_batch:]),
+            "studies": studies, "warnings": captured}
+
+
+def _print_report(report: dict, out: Path) -> None:
+    for s in report["studies"]:
+        print(f"streamtotal map: study {s['study']!r} ({s['n_cells']} cells): gene overlap {s['gene_overlap']:.1%}, "
+              f"{s['genes_missing_zero_filled']} genes zero-filled, {s['genes_dropped']} dropped; proteins masked "
+              f"{s['proteins_masked']}, dropped {s['proteins_dropped']}"
+              + (" (panel in another order, aligned by name)" if s["protein_order_differs"] else ""), flush=True)
+    print(f"streamtotal map: new batches {report['new_batches']}; report in {out / ALIGNMENT_FILE}", flush=True)
+
+
+def _check_resume(out: Path, surgery_record: dict) -> None:
+    path = out / "registry.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text()).get("extra", {}).get("surgery")
+    if saved != surgery_record:
+        raise CheckpointError(f"{out} was mapped with another reference or surgery recipe ({saved}); resume with the "
+                              f"same ones ({surgery_record}) or choose another --out")
+
+
+def build_query_trainer(reference_run, stores, out, *, surgery: SurgeryConfig = SurgeryConfig(),
+                        epochs: int | None = None, batch_key: str | None = None,
+                        min_gene_overlap: float | None = None, train: dict | None = None, resume: bool = False,
+                        verbose: bool = True):
+    """Aligns the query, writes the alignment report, builds and freezes the expanded model, returns the Trainer.
+
+    Args:
+        reference_run: the reference run directory (totalVI or totalANVI).
+        stores: the query stores (any backend ``open_collection`` reads).
+        out: the query run directory.
+        surgery: the recipe.
+        epochs: query epochs (None = scvi-tools' rule on the query's size).
+        batch_key: obs column of the query's batch (default: the reference's).
+        min_gene_overlap: refuse a query study sharing less of the reference's genes (default: the reference's).
+        train: other [train] overrides (e.g. ``{"batch_size": 128, "weight_decay": 0.0}``).
+        resume: continue from the newest checkpoint in ``out``.
+        verbose: print the alignment summary (rank 0).
+
+    Returns:
+        ``(trainer, report)``.
+
+    Raises:
+        RunDirError: no trained reference. AlignmentError: too little gene overlap, no proteins, bad batches.
+        CheckpointError: resuming with another reference or recipe. ConfigError: nothing to train.
+    """
+    from streamtotal.training.trainer import Trainer
+
+    out = Path(out)
+    reference = load_trained(reference_run)
+    config = query_config(reference, stores, epochs=epochs, batch_key=batch_key, min_gene_overlap=min_gene_overlap,
+                          train=train)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        collection = open_collection(replace(config.data, labels_key=None), registry=reference.registry,
+                                     allow_new_batches=True)
+    messages = [str(w.message) for w in caught]
+    for w in caught:  # still shown to the user, and kept in the report
+        warnings.warn(w.message, w.category, stacklevel=2)
+    record = {"reference": str(Path(reference_run).resolve()), "n_reference_batches": reference.registry.n_batch,
+              "recipe": asdict(surgery)}
+    collection.registry = replace(collection.registry, extra={**collection.registry.extra, "surgery": record})
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    report = alignment_report(collection, reference.registry, messages)
+    if resume:
+        _check_resume(out, record)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(report, indent=1)
+        atomic_write_bytes(out / ALIGNMENT_FILE, lambda f: f.write(text.encode()))
+        if verbose:
+            _print_report(report, out)
+
+    tc = config.train
+    resuming = resume and RunDir(out).has_checkpoints()
+    protein_prior = library_prior = None
+    if not resuming:  # a checkpoint holds the new batches' priors
+        train_ids, _ = split_validation(collection.n_obs, tc.validation_fraction, tc.seed)
+        protein_prior, library_prior = estimate_priors(collection, train_ids, collection.registry.n_batch,
+                                                       seed=tc.seed, progress=False)
+    model, rows = expand_reference(reference, collection.registry, new_batch_init=surgery.new_batch_init,
+                                   protein_prior=protein_prior, library_prior=library_prior, seed=tc.seed)
+    n_ref = reference.registry.n_batch
+    query = QuerySurgery(model, freeze(model, rows, n_ref, surgery), rows, n_ref)
+    return Trainer(config, out, resume=resume, collection=collection, surgery=query), report
+
+
+@dataclass
+class MapResult:
+    """What ``map_query`` did: the query run, its alignment report, training summary and label predictions."""
+
+    run_dir: Path
+    report: dict
+    summary: object
+    predictions: list
+
+
+def map_query(reference_run, stores, out, *, predict: bool = False, prefix: str = "streamtotal",
+              progress: bool = False, **kwargs) -> MapResult:
+    """Maps ``stores`` onto ``reference_run`` into ``out`` (see ``build_query_trainer`` for the options); with
+    ``predict`` and a totalANVI reference, writes labels, probabilities, uncertainty and latent into every query
+    store chunk by chunk (``predict_labels``)."""
+    trainer, report = build_query_trainer(reference_run, stores, out, **kwargs)
+    if predict and trainer.model.label_classifier is None:
+        raise ConfigError(f"--predict needs a totalANVI reference; {reference_run} has no label classifier "
+                          "(embed the query run instead: streamtotal embed)")
+    summary = trainer.fit()
+    predictions = []
+    if predict and trainer.dist.is_main:
+        from streamtotal.inference.labels import predict_labels
+
+        for store in stores:
+            predictions.append(predict_labels(out, store, prefix=prefix, progress=progress,
+                                              device=trainer.config.train.device))
+    trainer.dist.barrier()
+    trainer.dist.close()
+    return MapResult(Path(out), report, summary, predictions)
