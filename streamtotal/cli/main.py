@@ -9,9 +9,12 @@ from loaders.errors import LoaderError
 from streamtotal import __version__
 from streamtotal.cli import config_cmd, de_cmd, demo_cmd, denoise_cmd, embed_cmd, ingest_cmd, simulate_cmd, train_cmd
 from streamtotal.cli import predict_cmd
+from streamtotal.cli import map_cmd
+from streamtotal.cli import evaluate_cmd
 from streamtotal.errors import StreamtotalError
 
-COMMANDS = (demo_cmd, simulate_cmd, ingest_cmd, train_cmd, embed_cmd, denoise_cmd, predict_cmd, de_cmd, config_cmd)
+COMMANDS = (demo_cmd, simulate_cmd, ingest_cmd, train_cmd, embed_cmd, denoise_cmd, predict_cmd, map_cmd, de_cmd,
+            evaluate_cmd, config_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
