@@ -61,7 +61,9 @@ class LocalChunkReader:
         ))} if len(starts) else {}
         parts = []
         for a, b, ja, jb in zip(starts.tolist(), stops.tolist(), first.tolist(), last.tolist()):
-            if ja == jb:
+            if a == b:  # an empty range (cells without entries): at a chunk boundary it touches no chunk
+                parts.append(np.empty((0, *self._chunks[1:]), dtype=self._dtype))
+            elif ja == jb:
                 parts.append(decoded[ja][a - ja * c : b - ja * c])
             else:
                 parts.append(np.concatenate(

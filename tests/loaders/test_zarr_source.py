@@ -201,3 +201,18 @@ def test_reads_in_a_forked_worker_after_reading_in_the_parent(tmp_path, cite):
         proc.join(timeout=60)
         assert proc.exitcode == 0
         assert np.array_equal(rna, d.rna[ids].toarray()) and np.array_equal(protein, d.protein[ids])
+
+
+def test_reads_of_scattered_ids_are_split_into_bounded_rounds_with_identical_results(tmp_path, cite, monkeypatch):
+    import loaders.zarr_source as zarr_source
+
+    d = cite.make_cite(n=97)
+    src = ZarrSource(_store(tmp_path / "s.zarr", d))
+    rounds = []
+    real = ZarrSource._read_runs
+    monkeypatch.setattr(ZarrSource, "_read_runs", lambda self, *a: rounds.append(len(a[0])) or real(self, *a))
+    monkeypatch.setattr(zarr_source, "READ_BUDGET_CELLS", 20)  # a few chunks of 4 cells per round
+    _assert_reads(src, d, cite, seed=3)
+    assert max(rounds) < 97 and len(rounds) > 8  # several bounded rounds, not one pass over everything
+    ids = np.arange(0, 97, 7)
+    assert np.array_equal(src.read(ids).rna.toarray(), d.rna[ids].toarray())
