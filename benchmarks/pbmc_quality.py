@@ -1,7 +1,8 @@
 """Quality on real CITE-seq (10x PBMC 10k, ../shared/data/pbmc10k_cite.h5ad): streamtotal and scvi-tools TOTALVI
 trained for the same epochs, side by side.
 
-- latent: k-NN (k=15) label purity and silhouette of cell types (labelled cells), for both models;
+- latent: scib-metrics bio conservation, k-NN (k=15) label purity and silhouette of cell types (labelled cells),
+  for both models;
 - protein foreground probability: mean P(foreground) of CD19 on B cells vs all others, of CD14 on CD14 monocytes
   vs all others (streamtotal; scvi-tools' get_protein_foreground_probability for comparison);
 - differential expression, B cells vs rest (streamtotal): rank of CD19 among proteins by Bayes factor.
@@ -32,11 +33,16 @@ def latent_scores(latent: np.ndarray, labels: np.ndarray) -> dict:
     from sklearn.metrics import silhouette_score
     from sklearn.neighbors import NearestNeighbors
 
+    from streamtotal.inference.integration_metrics import integration_metrics
+
     keep = labels != "unlabeled"
     z, y = latent[keep], labels[keep]
     idx = NearestNeighbors(n_neighbors=16).fit(z).kneighbors(z, return_distance=False)[:, 1:]
+    # scib-metrics' bio-conservation set (one batch here, so no batch-correction metrics).
+    scib = integration_metrics(np.ascontiguousarray(z, dtype=np.float32), y)
     return {"knn15_label_purity": float((y[idx] == y[:, None]).mean()),
-            "silhouette_label": float(silhouette_score(z, y, sample_size=min(4000, len(y)), random_state=0))}
+            "silhouette_label": float(silhouette_score(z, y, sample_size=min(4000, len(y)), random_state=0)),
+            "scib_metrics": scib}
 
 
 def marker_separation(prob: np.ndarray, proteins: list[str], labels: np.ndarray) -> dict:
