@@ -98,3 +98,9 @@ def lamin_instance(tmp_path_factory):
             ln_setup.init(storage=str(base / "storage"), name="streamtotal-test")
             pytest.importorskip("lamindb")
         yield LaminInstance(name="streamtotal-test", slug=ln_setup.settings.instance.slug, root=base / "storage")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that import JAX (scib-metrics, in the evaluation report) run last: JAX starts threads, and a later
+    os.fork() (DataLoader workers, forked readers) in the same process could deadlock."""
+    items.sort(key=lambda item: "test_evaluate" in item.nodeid)
