@@ -160,8 +160,23 @@ def ingest(
         reader.close()
 
 
-def _ingest_open(reader: BlockReader, out_path: str, t0: float, *, batch_key, block_cells, allow_non_integer,
-                 make_names_unique, overwrite, layout, progress) -> IngestReport:
+def checked_input(reader: BlockReader, *, batch_key: str | None, make_names_unique: bool,
+                  addressed_by: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, list[str]]:
+    """The checks every ingest runs before writing: cells present, obs matching the matrices, the batch key in
+    obs; names made unique on request; duplicate cell names noted.
+
+    Args:
+        reader: the open input.
+        batch_key: obs column used for protein panels, or None.
+        make_names_unique: suffix repeated gene / protein names instead of refusing them later.
+        addressed_by: how the output addresses cells (for the duplicate-names note).
+
+    Returns:
+        ``(gene_names, protein_names, obs, notes)``.
+
+    Raises:
+        StoreFormatError: no cells, obs of another length, or an unknown batch key (naming the file).
+    """
     path = reader.path
     if reader.n_obs == 0:
         raise StoreFormatError(f"{path}: the input holds no cells.")
@@ -178,7 +193,16 @@ def _ingest_open(reader: BlockReader, out_path: str, t0: float, *, batch_key, bl
         )
     notes = list(reader.notes)
     if not obs.index.is_unique:
-        notes.append(f"{int(obs.index.duplicated().sum())} duplicate cell names (cells are addressed by index)")
+        notes.append(f"{int(obs.index.duplicated().sum())} duplicate cell names (cells are addressed by "
+                     f"{addressed_by})")
+    return genes, proteins, obs, notes
+
+
+def _ingest_open(reader: BlockReader, out_path: str, t0: float, *, batch_key, block_cells, allow_non_integer,
+                 make_names_unique, overwrite, layout, progress) -> IngestReport:
+    path = reader.path
+    genes, proteins, obs, notes = checked_input(reader, batch_key=batch_key, make_names_unique=make_names_unique,
+                                                addressed_by="index")
     cell_names = obs.index.to_numpy()
     study = Path(path).name
     writer = ZarrStoreWriter(

@@ -11,16 +11,12 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
-import pandas as pd
 import tiledbsoma
-from anndata.utils import make_index_unique
 from tqdm.auto import tqdm
 
 from loaders.count_validation import validate_counts
-from loaders.errors import StoreFormatError
 from loaders.ingest.ingest_report import IngestReport, batch_counts, summarise_label_columns
-from loaders.ingest.ingest_store import DEFAULT_BLOCK_CELLS, open_reader
+from loaders.ingest.ingest_store import DEFAULT_BLOCK_CELLS, checked_input, open_reader
 from loaders.ingest.soma_writer import SomaExperimentWriter
 from loaders.soma_layout import (
     DEFAULT_PROTEIN_MEASUREMENT,
@@ -106,23 +102,8 @@ def ingest_soma(
     )
     try:
         path = reader.path
-        if reader.n_obs == 0:
-            raise StoreFormatError(f"{path}: the input holds no cells.")
-        genes, proteins = reader.gene_names, reader.protein_names
-        if make_names_unique:
-            genes = np.asarray(make_index_unique(pd.Index(genes, dtype=object)), dtype=object)
-            proteins = np.asarray(make_index_unique(pd.Index(proteins, dtype=object)), dtype=object)
-        obs = reader.obs()
-        if len(obs) != reader.n_obs:
-            raise StoreFormatError(f"{path}: obs has {len(obs)} rows but the matrices have {reader.n_obs} cells.")
-        if batch_key is not None and batch_key not in obs.columns:
-            raise StoreFormatError(
-                f"{path}: batch_key {batch_key!r} is not an obs column; columns are {list(obs.columns)}."
-            )
-        notes = list(reader.notes)
-        if not obs.index.is_unique:
-            n_dup = int(obs.index.duplicated().sum())
-            notes.append(f"{n_dup} duplicate cell names (cells are addressed by soma_joinid)")
+        genes, proteins, obs, notes = checked_input(reader, batch_key=batch_key,
+                                                    make_names_unique=make_names_unique, addressed_by="soma_joinid")
         study = study_name or study_name_from_path(path)
         writer = SomaExperimentWriter(
             out_uri, genes, proteins, obs, study_name=study, append=append, overwrite=overwrite,
