@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,3 +113,35 @@ def batch_counts(values) -> dict[str, int]:
     uniques, first, counts = np.unique(keys, return_index=True, return_counts=True)
     order = np.argsort(first)
     return {str(uniques[i]): int(counts[i]) for i in order}
+
+
+def build_report(reader, *, output_path, genes, proteins, obs: pd.DataFrame, batch_key: str | None, panels,
+                 skip_columns: set[str], started: float, notes: list[str]) -> IngestReport:
+    """The report of a finished ingest (either output format): what was read, batches, labels and panels.
+
+    Args:
+        reader: the input's block reader.
+        output_path: the store written.
+        genes, proteins: the names written.
+        obs: the input's obs.
+        batch_key: obs column of the panels, or None.
+        panels: the writer's panel assignment (None: one full panel).
+        skip_columns: bookkeeping obs columns left out of the label summary.
+        started: ``time.perf_counter()`` at the start of the ingest.
+        notes: what the ingest noticed on the way.
+    """
+    return IngestReport(
+        input_path=reader.path,
+        output_path=output_path,
+        input_format=reader.format_name,
+        n_cells=reader.n_obs,
+        n_genes=len(genes),
+        n_proteins=len(proteins),
+        batch_key=batch_key,
+        batches=batch_counts(obs[batch_key].to_numpy()) if batch_key else {},
+        label_columns=summarise_label_columns(obs, skip=skip_columns),
+        missing_proteins=panels.missing_by_group(proteins) if panels else {},
+        n_panels=len(panels.panels) if panels else 1,
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )

@@ -22,7 +22,7 @@ from loaders.errors import StoreFormatError
 from loaders.ingest.block_reader import BlockReader
 from loaders.ingest.h5ad_reader import H5adReader
 from loaders.ingest.h5mu_reader import H5muReader
-from loaders.ingest.ingest_report import IngestReport, batch_counts, summarise_label_columns
+from loaders.ingest.ingest_report import IngestReport, build_report
 from loaders.ingest.tenx_h5_reader import TenxH5Reader
 from loaders.store_layout import PANEL_OBS_COLUMN, StoreLayoutConfig
 from loaders.store_writer import ZarrStoreWriter
@@ -225,19 +225,5 @@ def _ingest_open(reader: BlockReader, out_path: str, t0: float, *, batch_key, bl
     except BaseException:
         writer.abort()
         raise
-    panels = writer.panels
-    return IngestReport(
-        input_path=path,
-        output_path=out_path,
-        input_format=reader.format_name,
-        n_cells=reader.n_obs,
-        n_genes=len(genes),
-        n_proteins=len(proteins),
-        batch_key=batch_key,
-        batches=batch_counts(obs[batch_key].to_numpy()) if batch_key else {},
-        label_columns=summarise_label_columns(obs, skip={PANEL_OBS_COLUMN}),
-        missing_proteins=panels.missing_by_group(proteins) if panels else {},
-        n_panels=len(panels.panels) if panels else 1,
-        seconds=time.perf_counter() - t0,
-        notes=notes,
-    )
+    return build_report(reader, output_path=out_path, genes=genes, proteins=proteins, obs=obs, batch_key=batch_key,
+                        panels=writer.panels, skip_columns={PANEL_OBS_COLUMN}, started=t0, notes=notes)

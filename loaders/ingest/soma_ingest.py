@@ -15,7 +15,7 @@ import tiledbsoma
 from tqdm.auto import tqdm
 
 from loaders.count_validation import validate_counts
-from loaders.ingest.ingest_report import IngestReport, batch_counts, summarise_label_columns
+from loaders.ingest.ingest_report import IngestReport, build_report
 from loaders.ingest.ingest_store import DEFAULT_BLOCK_CELLS, checked_input, open_reader
 from loaders.ingest.soma_writer import SomaExperimentWriter
 from loaders.soma_layout import (
@@ -136,19 +136,5 @@ def ingest_soma(
             )
     finally:
         reader.close()
-    panels = writer.panels
-    return IngestReport(
-        input_path=path,
-        output_path=out_uri,
-        input_format=reader.format_name,
-        n_cells=reader.n_obs,
-        n_genes=len(genes),
-        n_proteins=len(proteins),
-        batch_key=batch_key,
-        batches=batch_counts(obs[batch_key].to_numpy()) if batch_key else {},
-        label_columns=summarise_label_columns(obs, skip={PANEL_OBS_COLUMN, STUDY_OBS_COLUMN}),
-        missing_proteins=panels.missing_by_group(proteins) if panels else {},
-        n_panels=len(panels.panels) if panels else 1,
-        seconds=time.perf_counter() - t0,
-        notes=notes,
-    )
+    return build_report(reader, output_path=out_uri, genes=genes, proteins=proteins, obs=obs, batch_key=batch_key,
+                        panels=writer.panels, skip_columns={PANEL_OBS_COLUMN, STUDY_OBS_COLUMN}, started=t0, notes=notes)
