@@ -23,3 +23,8 @@ class ModelInputError(StreamtotalError):
 
 class SelectionError(StreamtotalError):
     """A requested gene, protein, batch or cell is not among the model's (or the store's)."""
+
+
+class InteropError(StreamtotalError):
+    """A model saved by another tool (scvi-tools) cannot be imported faithfully, or its files are not what they
+    should be."""

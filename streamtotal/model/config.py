@@ -39,6 +39,11 @@ class ModelConfig:
     scale_encoder_input: bool = True
     """Divide each cell's RNA and (measured) protein counts by 1 + their mean before the log, as scvi-tools
     1.4 does, so the encoder sees composition rather than depth. False = plain log1p, as in the paper."""
+    protein_input_mean: Literal["measured", "all"] = "measured"
+    """With ``scale_encoder_input``: the protein mean each cell's protein counts are divided by (1 + mean) is
+    taken over its measured proteins ("measured", so a smaller panel does not look like a shallower cell), or
+    over every protein of the registry with unmeasured ones counted as 0 ("all", as scvi-tools; set by
+    ``streamtotal import-scvi``)."""
     latent_library: bool = False
     """Model the RNA library size as a latent LogNormal with a per-batch prior (needs a library prior);
     False = use the observed total count, as scvi-tools does by default."""
@@ -46,6 +51,10 @@ class ModelConfig:
     """Initialise the per-batch protein background prior from the data (lower component of a two-component
     Gaussian mixture on log(y + 1)); False = a fixed initial value (mean 3, scale 1, as scvi-tools). scvi-tools
     switches it on only when there are more than 10 proteins."""
+    foreground_activation: Literal["softplus", "relu"] = "softplus"
+    """Protein foreground multiplier alpha = 1 + activation(.): "softplus" never has a dead gradient;
+    "relu" is scvi-tools' function (set by ``streamtotal import-scvi``, so an imported model computes exactly
+    what it computed in scvi-tools)."""
     encode_covariates: bool = True
     """Give the batch to the encoder (in every encoder layer) as well as to the decoder."""
     deeply_inject_covariates: bool = True
@@ -88,6 +97,8 @@ class ModelConfig:
             "use_layer_norm": ("encoder", "decoder", "both", "none"),
             "gene_dispersion": ("gene", "gene-batch"),
             "protein_dispersion": ("protein", "protein-batch"),
+            "protein_input_mean": ("measured", "all"),
+            "foreground_activation": ("softplus", "relu"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

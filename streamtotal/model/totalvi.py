@@ -13,7 +13,10 @@ Same architecture as scvi-tools' TOTALVAE (so results are comparable), with thes
 * the decoder's four hidden networks share one matmul (``FCStack(n_parallel=4)``) and covariates are added as
   gathered rows instead of concatenated one-hots (same functions, see layers.py);
 * the RNA likelihood is fused (rna_likelihood.py);
-* foreground multiplier alpha = 1 + softplus(.) instead of 1 + relu(.), so it never has a dead gradient;
+* foreground multiplier alpha = 1 + softplus(.) instead of 1 + relu(.), so it never has a dead gradient
+  (``foreground_activation = "relu"`` gives scvi-tools' function, for imported models);
+* the encoder's protein input is divided by 1 + the mean over the cell's *measured* proteins, so a smaller panel
+  does not look shallower (``protein_input_mean = "all"`` gives scvi-tools' mean over all proteins);
 * no per-batch protein "efficiency" parameter and no 1e-3 background-preference penalty (scvi-tools 1.4
   additions outside the totalVI model), so ``neg_elbo`` is exactly the negative ELBO;
 * the KL warm-up does not scale the protein likelihood (see ``loss``).
@@ -165,7 +168,10 @@ class TotalVI(nn.Module):
         protein = torch.where(protein_mask, protein, 0.0)
         if self.config.scale_encoder_input:
             rna = rna / (1.0 + rna.mean(dim=1, keepdim=True))
-            measured = protein_mask.sum(dim=1, keepdim=True).clamp(min=1)
+            if self.config.protein_input_mean == "all":  # scvi-tools: unmeasured proteins count as zeros
+                measured = protein.shape[1]
+            else:
+                measured = protein_mask.sum(dim=1, keepdim=True).clamp(min=1)
             protein = protein / (1.0 + protein.sum(dim=1, keepdim=True) / measured)
         x = torch.cat([rna, protein], dim=1)
         return x.log1p_() if self.config.log_variational else x
@@ -269,7 +275,9 @@ class TotalVI(nn.Module):
         back_mean, back_raw = self.background_head(torch.cat([hidden[1], z_in], dim=1), batch).float().chunk(2, dim=1)
         back_scale = F.softplus(back_raw) + 1e-8
         log_back = back_mean + back_scale * torch.randn_like(back_mean) if sample_background else back_mean
-        fore_scale = 1.0 + F.softplus(self.foreground_head(torch.cat([hidden[2], z_in], dim=1), batch).float())
+        fore_raw = self.foreground_head(torch.cat([hidden[2], z_in], dim=1), batch).float()
+        # relu only for models imported from scvi-tools (config.foreground_activation), to keep their function.
+        fore_scale = 1.0 + (F.relu(fore_raw) if self.config.foreground_activation == "relu" else F.softplus(fore_raw))
         mix_logits = self.mixing_head(torch.cat([hidden[3], z_in], dim=1), batch).float()
         rna_log_theta = self._per_cell(self.rna_log_theta, batch)
         protein_log_theta = self._per_cell(self.protein_log_theta, batch)
