@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 500)")
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="bf16 autocast of the linear layers, or fp32 (default auto: bf16 on a capable GPU)")
+    t.add_argument("--compile", action="store_true", default=None, help="torch.compile the model before training")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -83,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "train": {"max_epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                   "validation_fraction": args.validation_fraction, "num_workers": args.num_workers,
                   "checkpoint_every_steps": args.checkpoint_every, "device": args.device, "threads": args.threads,
+                  "precision": args.precision, "compile": args.compile,
                   "progress": False if args.no_progress else None, "init_from": _absolute(args.init_from)},
     }
     return config.with_overrides(overrides)

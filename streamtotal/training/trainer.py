@@ -30,6 +30,7 @@ from streamtotal.training.checkpoint import latest_checkpoint, load_checkpoint, 
 from streamtotal.training.distributed import DistContext
 from streamtotal.training.init_from import initialise_from
 from streamtotal.training.metrics_log import MetricsLog
+from streamtotal.training.precision import autocast, compile_model, resolve_precision
 from streamtotal.training.preemption import Preempted, PreemptionFlag, injected_failure_step
 from streamtotal.training.priors import estimate_priors
 from streamtotal.training.run_dir import RunDir
@@ -144,7 +145,10 @@ class Trainer:
         if checkpoint is None and tc.init_from:
             initialise_from(self.model, self.registry, tc.init_from)
         self.model = self.model.to(self.device)
+        self.precision = resolve_precision(tc.precision, self.device)
         self.ddp_model = self.dist.wrap(self.model)
+        # The training forward may run compiled; validation, checkpoints and inference use the plain module.
+        self.step_model = compile_model(self.ddp_model, self.device) if tc.compile else self.ddp_model
         # foreach: torch's CPU default is a per-tensor loop, 8 ms a step against 2 ms here. Not the fused kernel:
         # a run resumed with it drifted from the uninterrupted run in the last bits, and exact resume comes first.
         params = surgery.param_groups(tc.weight_decay) if surgery is not None else self.model.vae_parameters()
@@ -332,7 +336,8 @@ class Trainer:
         return bool(self.dist.all_reduce_sum(flag)[0] > 0)
 
     def _train_step(self, batch, weight: float):
-        out = self.ddp_model(batch, kl_weight=weight)
+        with autocast(self.precision, self.device):
+            out = self.step_model(batch, kl_weight=weight)
         loss = out.loss
         if self.adv_optimizer is not None:
             # As scvi-tools: the adversary pulls hardest early and fades out as the KL warm-up ends (1 - kl_weight).
