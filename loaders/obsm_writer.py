@@ -5,6 +5,10 @@ written as they come, never gathered in memory. They go to a hidden temporary ar
 are renamed over ``obsm/<key>`` only when every row has been written: a job killed half-way leaves the
 store's previous ``obsm/<key>`` (if any) intact. The store's consolidated metadata is rebuilt afterwards so
 ``anndata.read_zarr`` sees the new entry.
+
+``resume=True`` reopens a temporary array left by an interrupted job instead of recreating it (its shape,
+dtype and row chunks must match); which rows it already holds is the caller's bookkeeping (``mark_written``):
+``streamtotal.inference.write_back`` keeps that ledger and skips what was done.
 """
 
 from __future__ import annotations
@@ -20,6 +24,27 @@ from loaders.errors import StoreFormatError
 from loaders.store_layout import DENSE_ENCODING, ZARR_FORMAT, StoreLayoutConfig
 
 
+def consolidate(store_path: str | Path) -> None:
+    """Rebuilds a store's consolidated metadata (after elements were added or renamed)."""
+    zarr.consolidate_metadata(str(store_path), zarr_format=ZARR_FORMAT)
+
+
+def publish_dir(parent: Path, tmp_name: str, final_name: str) -> None:
+    """Renames ``parent/tmp_name`` over ``parent/final_name``; the old element is kept until the rename is done.
+
+    The old element is moved aside first (``.old-<name>``) because a directory cannot be renamed over a
+    non-empty one; a leftover ``.old-`` from an earlier crash is removed first.
+    """
+    final, tmp, old = parent / final_name, parent / tmp_name, parent / f".old-{final_name}"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 class ObsmWriter:
     """Writes an ``[n_obs, n_columns]`` float32 matrix into ``<store>/obsm/<key>``.
 
@@ -29,12 +54,16 @@ class ObsmWriter:
         n_obs: rows (cells) of the store.
         n_columns: columns of the result.
         dtype: stored dtype.
+        chunk_rows: rows per chunk (default: the store layout's choice for ``n_columns``). Resumable writers
+            pass a divisor of their write unit so every chunk is written by exactly one unit.
+        resume: reopen an existing temporary array of the same shape, dtype and chunks instead of replacing it.
 
     Raises:
         StoreFormatError: the store is not a local AnnData Zarr store, or ``n_obs`` does not match it.
     """
 
-    def __init__(self, store_path: str | Path, key: str, n_obs: int, n_columns: int, dtype: str = "float32") -> None:
+    def __init__(self, store_path: str | Path, key: str, n_obs: int, n_columns: int, dtype: str = "float32",
+                 *, chunk_rows: int | None = None, resume: bool = False) -> None:
         self.store_path = Path(store_path)
         if not (self.store_path / "obsm").is_dir():
             raise StoreFormatError(
@@ -50,13 +79,26 @@ class ObsmWriter:
             raise StoreFormatError(f"{store_path} has {x_shape[0]} cells but the result has {n_obs} rows")
         layout = StoreLayoutConfig()
         self._tmp_name = f".tmp-{key}"
+        chunks = (int(chunk_rows) if chunk_rows else layout.row_chunk(n_columns), n_columns)
         obsm = zarr.open_group(str(self.store_path / "obsm"), mode="r+", zarr_format=ZARR_FORMAT,
                                use_consolidated=False)
-        self._array = obsm.create_array(
-            self._tmp_name, shape=(n_obs, n_columns), chunks=(layout.row_chunk(n_columns), n_columns), dtype=dtype,
-            compressors=layout.compressor(), overwrite=True, attributes=dict(DENSE_ENCODING),
-        )
+        existing = obsm.get(self._tmp_name) if resume else None
+        if (isinstance(existing, zarr.Array) and existing.shape == (n_obs, n_columns)
+                and existing.chunks == chunks and existing.dtype == np.dtype(dtype)):
+            self._array = existing
+            self.resumed = True
+        else:
+            self._array = obsm.create_array(
+                self._tmp_name, shape=(n_obs, n_columns), chunks=chunks, dtype=dtype,
+                compressors=layout.compressor(), overwrite=True, attributes=dict(DENSE_ENCODING),
+            )
+            self.resumed = False
         self._written = np.zeros(n_obs, dtype=bool)
+
+    @property
+    def tmp_path(self) -> Path:
+        """Directory of the temporary array (``obsm/.tmp-<key>``)."""
+        return self.store_path / "obsm" / self._tmp_name
 
     def write_rows(self, ids: np.ndarray, values: np.ndarray) -> None:
         """Writes ``values[i]`` into row ``ids[i]``; contiguous runs of ids are written as slices."""
@@ -70,8 +112,12 @@ class ObsmWriter:
                 self._array[int(run_ids[0]) : int(run_ids[-1]) + 1] = run_values
         self._written[ids] = True
 
-    def commit(self) -> None:
-        """Renames the temporary array over ``obsm/<key>`` and reconsolidates the store's metadata.
+    def mark_written(self, start: int, stop: int) -> None:
+        """Records rows ``[start, stop)`` as written by an earlier (interrupted) job."""
+        self._written[start:stop] = True
+
+    def publish(self) -> None:
+        """Renames the temporary array over ``obsm/<key>`` (no completeness check, no reconsolidation).
 
         Raises:
             StoreFormatError: some rows were never written (the temporary array is kept for inspection).
@@ -82,12 +128,13 @@ class ObsmWriter:
                 f"refusing to publish obsm/{self.key} in {self.store_path}: {len(missing)} of {self.n_obs} rows were "
                 f"never written (first: cell {int(missing[0])})"
             )
-        obsm_dir = self.store_path / "obsm"
-        final, tmp = obsm_dir / self.key, obsm_dir / self._tmp_name
-        old = obsm_dir / f".old-{self.key}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old.exists():
-            shutil.rmtree(old)
-        zarr.consolidate_metadata(str(self.store_path), zarr_format=ZARR_FORMAT)
+        publish_dir(self.store_path / "obsm", self._tmp_name, self.key)
+
+    def commit(self) -> None:
+        """Renames the temporary array over ``obsm/<key>`` and reconsolidates the store's metadata.
+
+        Raises:
+            StoreFormatError: some rows were never written (the temporary array is kept for inspection).
+        """
+        self.publish()
+        consolidate(self.store_path)

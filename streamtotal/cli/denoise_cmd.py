@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Streams STORE through the model of RUN_DIR and writes, chunk by chunk, obsm/denoised_rna "
         "[cells x genes] (large: 4 bytes per cell and gene), obsm/denoised_protein and "
         "obsm/protein_foreground_prob [cells x proteins]; column names are in each array's attrs "
-        "('feature_names'). Writing goes to a temporary array renamed when complete: an interrupted run leaves "
-        "the previous result intact and is simply rerun.",
+        "('feature_names'). Writing goes to temporary arrays, chunk by chunk (chunks of --batch-size cells), "
+        "renamed when complete: an interrupted run leaves the previous result intact, and rerunning the same "
+        "command (same model, options and batch size) continues with the chunks not written yet.",
     )
     p.add_argument("run_dir", help="training run directory")
     p.add_argument("store", help="Zarr store (aligned onto the model's genes and proteins by name)")
@@ -65,6 +66,9 @@ def run(args: argparse.Namespace) -> None:
     message = f"denoised {result.n_cells} cells"
     if result.written:
         message += f"; wrote {', '.join(f'obsm/{k}' for k in result.written.values())} into {args.store}"
+        if result.chunks_skipped:
+            message += (f" (resumed: {result.chunks_skipped} of {result.chunks_skipped + result.chunks_computed} "
+                        "chunks were already written)")
     if args.out_h5ad:
         message += f"; exported {post.export_h5ad(args.out_h5ad, result)}"
     print(message)

@@ -10,7 +10,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "embed",
         help="write the latent mean per cell into a store's obsm, chunk by chunk",
         description="Streams STORE through the model of RUN_DIR and writes the latent posterior mean of every "
-        "cell into STORE's obsm[KEY] (atomically: a temp array renamed when complete). --export-h5ad also writes "
+        "cell into STORE's obsm[KEY] chunk by chunk (a temp array renamed when complete; an interrupted run "
+        "continues with the chunks not written yet when the same command is rerun). --export-h5ad also writes "
         "an AnnData (obs + latent) for scanpy.",
     )
     p.add_argument("run_dir", help="training run directory")
@@ -31,4 +32,7 @@ def run(args: argparse.Namespace) -> None:
                    export_h5ad=args.export_h5ad, batch_size=args.batch_size, device=args.device,
                    progress=not args.no_progress)
     where = f"{args.store} obsm[{result.key!r}]" if result.key else "nowhere in the store"
-    print(f"embedded {result.n_cells} cells into {where}" + (f"; exported {result.exported}" if result.exported else ""))
+    resumed = (f" (resumed: {result.chunks_skipped} of {result.chunks_skipped + result.chunks_computed} chunks were "
+               "already written)") if result.chunks_skipped else ""
+    print(f"embedded {result.n_cells} cells into {where}{resumed}"
+          + (f"; exported {result.exported}" if result.exported else ""))

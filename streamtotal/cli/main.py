@@ -11,11 +11,12 @@ from streamtotal.cli import config_cmd, de_cmd, demo_cmd, denoise_cmd, embed_cmd
 from streamtotal.cli import predict_cmd
 from streamtotal.cli import map_cmd
 from streamtotal.cli import evaluate_cmd
+from streamtotal.cli import elbo_cmd, sample_cmd
 from streamtotal.cli import import_scvi_cmd
 from streamtotal.errors import StreamtotalError
 
-COMMANDS = (demo_cmd, simulate_cmd, ingest_cmd, train_cmd, embed_cmd, denoise_cmd, predict_cmd, map_cmd, de_cmd,
-            evaluate_cmd, import_scvi_cmd, config_cmd)
+COMMANDS = (demo_cmd, simulate_cmd, ingest_cmd, train_cmd, embed_cmd, denoise_cmd, sample_cmd, elbo_cmd, predict_cmd,
+            map_cmd, de_cmd, evaluate_cmd, import_scvi_cmd, config_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

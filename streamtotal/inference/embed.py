@@ -1,4 +1,9 @@
-"""``streamtotal embed``: the latent posterior mean of every cell, streamed and written back chunk by chunk."""
+"""``streamtotal embed``: the latent posterior mean of every cell, streamed and written back chunk by chunk.
+
+Write-back goes through ``write_back.WriteBack``: an interrupted embed resumes where it stopped when rerun with
+the same model and batch size (completed chunks are not recomputed); the previous ``obsm/<key>`` is replaced
+only when every cell is written.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from loaders.obsm_writer import ObsmWriter
-from loaders.stream import StreamConfig
-from loaders.stream_loader import StreamLoader
 from streamtotal.data import open_collection
+from streamtotal.inference.cell_stream import stream_blocks
+from streamtotal.inference.write_back import ObsmTarget, WriteBack
+from streamtotal.inference.write_ledger import file_sha256
 from streamtotal.training.run_dir import load_trained
 from streamtotal.training.trainer import resolve_device
 
@@ -30,12 +34,16 @@ class EmbedResult:
         key: the obsm key written (None when not written back).
         latent: the ``[n_cells, n_latent]`` matrix when ``return_latent`` was asked for, else None.
         exported: the AnnData file written, if any.
+        chunks_skipped: write units found complete from an interrupted run (resumed, not recomputed).
+        chunks_computed: write units computed by this call.
     """
 
     n_cells: int
     key: str | None
     latent: np.ndarray | None
     exported: Path | None
+    chunks_skipped: int = 0
+    chunks_computed: int = 0
 
 
 @torch.no_grad()
@@ -73,27 +81,41 @@ def embed(
     model = trained.model.to(dev).eval()
     data = replace(trained.config.data, stores=(store,))
     collection = open_collection(data, registry=trained.registry)
-    ids = np.arange(collection.n_obs, dtype=np.int64)
-    loader = StreamLoader(collection, ids, StreamConfig(batch_size=batch_size, shuffle=False, num_workers=0))
-    loader.set_epoch(0)
     n_latent = trained.config.model.n_latent
-    writer = ObsmWriter(store, key, collection.n_obs, n_latent) if key else None
+    writer = None
+    if key:
+        writer = WriteBack(store, collection.n_obs, batch_size,
+                           {"method": "embed", "model_sha256": file_sha256(trained.source)},
+                           obsm=[ObsmTarget(key, n_latent, attrs={"streamtotal": {
+                               "quantity": "latent_mean", "model": str(trained.source)}})])
+    ids = writer.pending_ids() if writer else np.arange(collection.n_obs, dtype=np.int64)
     keep = np.zeros((collection.n_obs, n_latent), dtype=np.float32) if (return_latent or export_h5ad) else None
-    for batch in tqdm(loader, total=len(loader), desc="embed", unit="batch", disable=not progress):
-        gpu_batch = batch.to(dev)
+    for unit, gpu_batch, _ in stream_blocks(collection, ids, block_rows=batch_size, device=dev, desc="embed",
+                                            progress=progress):
         z = model.encode(gpu_batch.rna, gpu_batch.protein, gpu_batch.protein_mask, gpu_batch.batch, give_mean=True)
         z = z.float().cpu().numpy()
-        cell_ids = batch.cell_id.numpy()
         if writer is not None:
-            writer.write_rows(cell_ids, z)
+            writer.write_unit(unit, obsm={key: z})
         if keep is not None:
-            keep[cell_ids] = z
+            keep[gpu_batch.cell_id.cpu().numpy()] = z
     if writer is not None:
         writer.commit()
+        if keep is not None and writer.skipped:  # chunks done before the interruption: read them back
+            keep[:] = _read_obsm(store, key)
     exported = None
     if export_h5ad:
         exported = _export_anndata(collection, keep, key or "X_streamtotal", Path(export_h5ad))
-    return EmbedResult(n_cells=collection.n_obs, key=key, latent=keep if return_latent else None, exported=exported)
+    return EmbedResult(n_cells=collection.n_obs, key=key, latent=keep if return_latent else None, exported=exported,
+                       chunks_skipped=writer.skipped if writer else 0,
+                       chunks_computed=writer.computed if writer else 0)
+
+
+def _read_obsm(store, key: str) -> np.ndarray:
+    import zarr
+
+    from loaders.store_layout import ZARR_FORMAT
+
+    return zarr.open_group(str(store), mode="r", zarr_format=ZARR_FORMAT, use_consolidated=False)[f"obsm/{key}"][:]
 
 
 def _export_anndata(collection, latent: np.ndarray, key: str, path: Path) -> Path:

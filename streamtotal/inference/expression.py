@@ -10,13 +10,15 @@ written back into the store's ``obsm`` chunk by chunk (``write_back``):
     obsm/protein_foreground_prob   [n_cells, T'] float32
 
 Each array's attrs hold ``feature_names`` (its columns) and ``streamtotal`` (quantity, options, model file), so a
-reader knows what the columns are. Writing goes to a hidden temporary array renamed over the key only when
-every row is written (``loaders.obsm_writer``): a job killed half-way leaves the previous result intact, and
-rerunning recomputes from the start (chunk-level resume of a half-written array is not implemented yet).
+reader knows what the columns are. Writing goes through ``write_back.WriteBack``: hidden temporary arrays,
+chunk-aligned write units of ``batch_size`` cells recorded in a progress ledger, renamed over the keys only when
+every unit is written. A job killed half-way leaves the previous result intact, and rerunning the same command
+(same model, options and batch size) computes only the units not written yet; other options start over.
 
-Determinism: draws use one ``torch.Generator`` per quantity seeded with ``seed``, consumed batch by batch, so a
-result is a function of (model, cells, seed, batch_size, device); the in-memory and written-back results of
-the same call agree.
+Determinism: random estimates (``n_samples > 1``, ``sample_protein_mixing``) and write-backs take one forward
+pass per block of ``batch_size`` consecutive store rows, with draws from a ``torch.Generator`` per quantity and
+block seeded from ``(seed, block)`` (``cell_stream.block_generator``). A result is a function of (model, cells,
+seed, batch_size, device); over every cell, the in-memory, written-back and resumed results agree exactly.
 """
 
 from __future__ import annotations
@@ -28,17 +30,16 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import zarr
-from tqdm.auto import tqdm
 
 from loaders.citebatch import CiteBatch
-from loaders.obsm_writer import ObsmWriter
 from loaders.store_layout import ZARR_FORMAT
-from loaders.stream import StreamConfig
-from loaders.stream_loader import StreamLoader
 from streamtotal.data import open_collection
 from streamtotal.errors import ConfigError
 from streamtotal.inference import posterior
+from streamtotal.inference.cell_stream import block_generator, stream_blocks, stream_cells
 from streamtotal.inference.embed import collection_obs
+from streamtotal.inference.write_back import ObsmTarget, WriteBack
+from streamtotal.inference.write_ledger import file_sha256
 from streamtotal.inference.selection import batch_codes, cell_ids as check_cell_ids, feature_indices
 from streamtotal.training.run_dir import TrainedModel, load_trained
 from streamtotal.training.trainer import resolve_device
@@ -111,12 +112,16 @@ class ComputeResult:
         values: quantity -> array (cells in the requested order) when kept in memory, else empty.
         feature_names: quantity -> its column names.
         written: quantity -> the obsm key written into the store.
+        chunks_skipped: write units found complete from an interrupted run (resumed, not recomputed).
+        chunks_computed: write units computed by this call.
     """
 
     n_cells: int
     values: dict[str, np.ndarray]
     feature_names: dict[str, list[str]]
     written: dict[str, str]
+    chunks_skipped: int = 0
+    chunks_computed: int = 0
 
 
 class StorePosterior:
@@ -159,9 +164,9 @@ class StorePosterior:
         Returns:
             ``[n, n_latent]``, or ``[n_samples, n, n_latent]`` for several draws.
         """
-        fn = _bind(posterior.latent, self.model, give_mean=give_mean, n_samples=n_samples,
-                   generator=self._generator(seed))
-        return self._run({"latent": fn}, check_cell_ids(cell_ids, self.n_obs), keep=True, desc="latent")["latent"]
+        fn = _bind(posterior.latent, self.model, give_mean=give_mean, n_samples=n_samples)
+        return self._run({"latent": fn}, check_cell_ids(cell_ids, self.n_obs), seed=seed, random=not give_mean,
+                         keep=True, desc="latent")["latent"]
 
     def normalized_rna(self, cell_ids: Sequence[int] | None = None, options: ExpressionOptions | None = None,
                        **overrides) -> np.ndarray:
@@ -209,18 +214,19 @@ class StorePosterior:
         """
         opts = self._options(options, overrides)
         proteins, tb = self._protein_index(opts), batch_codes(opts.transform_batch, self.registry)
-        gen = self._generator(opts.seed)
-        kwargs = self._protein_kwargs(opts, tb, proteins, gen)
+        kwargs = self._protein_kwargs(opts, tb, proteins)
         # One call per batch, not two: both outputs come from the same draws.
         cache: dict = {}
 
-        def both(b: CiteBatch, i: int):
+        def both(b: CiteBatch, gen: torch.Generator, i: int):
             if cache.get("batch") is not b:
-                cache["batch"], cache["out"] = b, posterior.impute_proteins(self.model, b, **kwargs)
+                cache["batch"] = b
+                cache["out"] = posterior.impute_proteins(self.model, b, generator=gen, **kwargs)
             return cache["out"][i]
 
-        fns = {"values": lambda b: both(b, 0), "measured": lambda b: both(b, 1)}
-        out = self._run(fns, check_cell_ids(cell_ids, self.n_obs), keep=True, desc="impute")
+        fns = {"values": lambda b, g: both(b, g, 0), "measured": lambda b, g: both(b, g, 1)}
+        out = self._run(fns, check_cell_ids(cell_ids, self.n_obs), seed=opts.seed, random=_is_random(opts),
+                        keep=True, desc="impute")
         return out["values"], out["measured"].astype(bool)
 
     # ------------------------------------------------------------------ several at once, written back
@@ -235,9 +241,11 @@ class StorePosterior:
             cell_ids: global cell ids (any order; results follow it); None = every cell.
             options: the estimation options; keyword ``overrides`` replace its fields.
             write_back: write each quantity into ``obsm/<key>`` of the store (needs every cell and
-                ``return_mean`` or ``n_samples=1``).
+                ``return_mean`` or ``n_samples=1``), resumably: a rerun after an interruption with the same
+                options and ``batch_size`` computes only the chunks not written yet.
             keys: obsm key per quantity (default ``DEFAULT_KEYS``).
-            keep: return the values in memory (turn off for atlas-sized write-back).
+            keep: return the values in memory (turn off for atlas-sized write-back; with write-back they are
+                read back from the store, so chunks written before an interruption are included).
 
         Returns:
             A ComputeResult.
@@ -265,32 +273,40 @@ class StorePosterior:
         names = {"rna": _names(self.registry.gene_names, genes),
                  "protein": _names(self.registry.protein_names, proteins),
                  "foreground": _names(self.registry.protein_names, proteins)}
-        fns: dict[str, Callable[[CiteBatch], torch.Tensor]] = {}
-        for quantity in what:
-            gen = self._generator(opts.seed)  # one per quantity: each equals its single-quantity call
+        fns: dict[str, Callable[[CiteBatch, torch.Generator], torch.Tensor]] = {}
+        for quantity in what:  # each gets its own generator per block: each equals its single-quantity call
             if quantity == "rna":
                 fns["rna"] = _bind(posterior.normalized_rna, self.model, library_size=opts.library_size,
                                    transform_batch=tb, n_samples=opts.n_samples, return_mean=opts.return_mean,
-                                   genes=_tensor(genes, self.device), generator=gen)
+                                   genes=_tensor(genes, self.device))
             elif quantity == "protein":
                 fns["protein"] = _bind(posterior.denoised_protein, self.model,
-                                       **self._protein_kwargs(opts, tb, proteins, gen))
+                                       **self._protein_kwargs(opts, tb, proteins))
             else:
                 fns["foreground"] = _bind(posterior.protein_foreground_probability, self.model, transform_batch=tb,
                                           n_samples=opts.n_samples, return_mean=opts.return_mean,
-                                          proteins=_tensor(proteins, self.device), generator=gen)
-        writers = None
+                                          proteins=_tensor(proteins, self.device))
+        writer = None
         if write_back:
-            writers = {q: ObsmWriter(self.store, keys[q], self.n_obs, len(names[q])) for q in what}
-        values = self._run(fns, ids, keep=keep, writers=writers, desc="denoise " + "+".join(what))
+            writer = WriteBack(
+                self.store, self.n_obs, self.batch_size,
+                {"method": "denoise", "model_sha256": file_sha256(self.trained.source),
+                 "options": _json_safe(asdict(opts)), "quantities": what},
+                obsm=[ObsmTarget(keys[q], len(names[q]), attrs=self._description(q, names[q], opts)) for q in what])
+            ids = writer.pending_ids()
+        values = self._run(fns, ids, seed=opts.seed, random=_is_random(opts), keep=keep and writer is None,
+                           write_back=writer, keys=keys, desc="denoise " + "+".join(what))
         written = {}
-        if writers:
-            for q, writer in writers.items():
-                self._describe(keys[q], q, names[q], opts)
-                writer.commit()
-                written[q] = keys[q]
-        return ComputeResult(n_cells=int(ids.size), values=values, feature_names={q: names[q] for q in what},
-                             written=written)
+        if writer is not None:
+            writer.commit()
+            written = {q: keys[q] for q in what}
+            if keep:  # read back: chunks written before an interruption were not computed by this call
+                root = zarr.open_group(self.store, mode="r", zarr_format=ZARR_FORMAT, use_consolidated=False)
+                values = {q: root[f"obsm/{keys[q]}"][:] for q in what}
+        return ComputeResult(n_cells=self.n_obs if write_back else int(ids.size), values=values,
+                             feature_names={q: names[q] for q in what}, written=written,
+                             chunks_skipped=writer.skipped if writer else 0,
+                             chunks_computed=writer.computed if writer else 0)
 
     def export_h5ad(self, path: str | Path, result: ComputeResult) -> Path:
         """Writes the store's obs and the in-memory results as an h5ad (``obsm[key]`` DataFrames named by feature).
@@ -320,55 +336,60 @@ class StorePosterior:
     def _protein_index(self, opts: ExpressionOptions) -> np.ndarray | None:
         return feature_indices(opts.proteins, self.registry.protein_names, "protein")
 
-    def _protein_kwargs(self, opts, tb, proteins, gen) -> dict:
+    def _protein_kwargs(self, opts, tb, proteins) -> dict:
         return dict(transform_batch=tb, n_samples=opts.n_samples, return_mean=opts.return_mean,
                     include_protein_background=opts.include_protein_background,
                     sample_protein_mixing=opts.sample_protein_mixing, scale_protein=opts.scale_protein,
-                    proteins=_tensor(proteins, self.device), generator=gen)
+                    proteins=_tensor(proteins, self.device))
 
-    def _generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(int(seed))
+    def _run(self, fns: dict[str, Callable[[CiteBatch, torch.Generator], torch.Tensor]], ids: np.ndarray, *,
+             seed: int, random: bool, keep: bool, write_back: WriteBack | None = None,
+             keys: dict[str, str] | None = None, desc: str = "") -> dict[str, np.ndarray]:
+        """Streams ``ids``; places each result row at its requested position and/or writes it.
 
-    def _run(self, fns: dict[str, Callable[[CiteBatch], torch.Tensor]], ids: np.ndarray, *, keep: bool,
-             writers: dict[str, ObsmWriter] | None = None, desc: str = "") -> dict[str, np.ndarray]:
-        """Streams ``ids`` in store order; places each result row at its requested position and/or writes it."""
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        config = StreamConfig(batch_size=self.batch_size, shuffle=False, num_workers=0)
-        loader = StreamLoader(self.collection, sorted_ids, config)
-        loader.set_epoch(0)
+        Random results and write-backs go block by block, each quantity with its own generator per block seeded
+        from ``(seed, block)``. Deterministic results of a subset go in full batches instead: a sparse sample
+        of a large store (``evaluate``) would otherwise take one small forward pass per block it touches.
+        """
         kept: dict[str, np.ndarray] = {}
         seen = 0
-        for batch in tqdm(loader, total=len(loader), desc=desc, unit="batch", disable=not self.progress):
-            cells = batch.cell_id.numpy()
-            rows = order[np.searchsorted(sorted_ids, cells)]
-            on_device = batch.to(self.device)
+        if random or write_back is not None:
+            batches = stream_blocks(self.collection, ids, block_rows=self.batch_size, device=self.device, desc=desc,
+                                    progress=self.progress)
+        else:
+            batches = ((None, batch, rows) for batch, rows in stream_cells(
+                self.collection, ids, batch_size=self.batch_size, device=self.device, desc=desc,
+                progress=self.progress))
+        for block, batch, rows in batches:
+            out = {}
             for name, fn in fns.items():
-                value = fn(on_device)
-                value = value.cpu().numpy() if value.dtype == torch.bool else value.float().cpu().numpy()
-                if writers is not None:
-                    writers[name].write_rows(cells, value)
-                if keep:
+                value = fn(batch, None if block is None else block_generator(seed, block, self.device))
+                out[name] = value.cpu().numpy() if value.dtype == torch.bool else value.float().cpu().numpy()
+            if write_back is not None:
+                write_back.write_unit(block, obsm={keys[name]: value for name, value in out.items()})
+            if keep:
+                for name, value in out.items():
                     if name not in kept:
                         kept[name] = np.zeros((*value.shape[:-2], ids.size, value.shape[-1]), dtype=value.dtype)
                     kept[name][..., rows, :] = value
-            seen += len(cells)
+            seen += len(rows)
         assert seen == ids.size, f"streamed {seen} cells for {ids.size} ids"
         return kept
 
-    def _describe(self, key: str, quantity: str, names: list[str], opts: ExpressionOptions) -> None:
-        """Puts the column names and how they were made into the attrs of the not-yet-committed array."""
-        obsm = zarr.open_group(str(Path(self.store) / "obsm"), mode="r+", zarr_format=ZARR_FORMAT,
-                               use_consolidated=False)
-        obsm[f".tmp-{key}"].attrs.update({
-            "feature_names": names,
-            "streamtotal": {"quantity": quantity, "options": _json_safe(asdict(opts)),
-                            "model": str(self.trained.source)},
-        })
+    def _description(self, quantity: str, names: list[str], opts: ExpressionOptions) -> dict:
+        """The attrs of a written array: its column names and how they were made."""
+        return {"feature_names": names,
+                "streamtotal": {"quantity": quantity, "options": _json_safe(asdict(opts)),
+                                "model": str(self.trained.source)}}
 
 
-def _bind(fn, model, **kwargs) -> Callable[[CiteBatch], torch.Tensor]:
-    return lambda batch: fn(model, batch, **kwargs)
+def _is_random(opts: ExpressionOptions) -> bool:
+    """Whether the options draw random numbers (else results do not depend on how cells are batched)."""
+    return opts.n_samples > 1 or opts.sample_protein_mixing
+
+
+def _bind(fn, model, **kwargs) -> Callable[[CiteBatch, torch.Generator], torch.Tensor]:
+    return lambda batch, generator: fn(model, batch, generator=generator, **kwargs)
 
 
 def _tensor(index: np.ndarray | None, device: torch.device) -> torch.Tensor | None:

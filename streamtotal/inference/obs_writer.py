@@ -13,13 +13,15 @@ AnnData's own zarr v2 encoding:
 reconsolidates the store's metadata, so ``anndata.read_zarr`` sees the columns. A job killed before
 ``commit`` leaves the store's previous obs (and the columns it listed) untouched: readers follow
 ``column-order``, which still names only the old columns.
+
+``resume=True`` reopens temporary columns left by an interrupted job (same dtype or categories, same chunks)
+instead of recreating them; ``streamtotal.inference.write_back`` keeps the ledger of which rows they hold.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +29,7 @@ import numpy as np
 import zarr
 
 from loaders.errors import StoreFormatError
+from loaders.obsm_writer import consolidate, publish_dir
 from loaders.store_layout import DENSE_ENCODING, ZARR_FORMAT, StoreLayoutConfig
 
 CATEGORICAL_ENCODING = {"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False}
@@ -41,13 +44,15 @@ class ObsColumnWriter:
         columns: ``{name: categories}`` for a categorical column (a sequence of str), or ``{name: dtype}``
             (e.g. ``"float32"``) for a numeric one.
         protected: names that must not be overwritten (e.g. the label column used for training).
+        chunk_rows: rows per chunk (default: the store layout's choice for one column).
+        resume: reopen matching temporary columns of an interrupted job instead of replacing them.
 
     Raises:
         StoreFormatError: not a local AnnData Zarr store, a bad or protected column name.
     """
 
     def __init__(self, store_path: str | Path, n_obs: int, columns: dict[str, Sequence[str] | str],
-                 protected: Sequence[str] = ()) -> None:
+                 protected: Sequence[str] = (), *, chunk_rows: int | None = None, resume: bool = False) -> None:
         from anndata.io import write_elem
 
         self.store_path = Path(store_path)
@@ -66,9 +71,15 @@ class ObsColumnWriter:
         self.names = list(columns)
         self._arrays: dict[str, zarr.Array] = {}
         layout = StoreLayoutConfig()
-        chunk = layout.row_chunk(1)
+        chunk = int(chunk_rows) if chunk_rows else layout.row_chunk(1)
+        self.resumed = bool(columns)
         for name, spec in columns.items():
             tmp = f".tmp-{name}"
+            reopened = _reopen(obs, tmp, spec, n_obs, chunk) if resume else None
+            if reopened is not None:
+                self._arrays[name] = reopened
+                continue
+            self.resumed = False
             if tmp in obs:
                 del obs[tmp]
             if isinstance(spec, str):
@@ -77,13 +88,12 @@ class ObsColumnWriter:
                     attributes=dict(DENSE_ENCODING))
             else:
                 categories = [str(c) for c in spec]
-                code_dtype = "int8" if len(categories) < 128 else "int16" if len(categories) < 32768 else "int32"
                 group = obs.create_group(tmp)
                 group.attrs.update(CATEGORICAL_ENCODING)
                 write_elem(group, "categories", np.asarray(categories, dtype=object))
                 self._arrays[name] = group.create_array(
-                    "codes", shape=(n_obs,), chunks=(chunk,), dtype=code_dtype, compressors=layout.compressor(),
-                    attributes=dict(DENSE_ENCODING))
+                    "codes", shape=(n_obs,), chunks=(chunk,), dtype=_code_dtype(categories),
+                    compressors=layout.compressor(), attributes=dict(DENSE_ENCODING))
         self._written = np.zeros(n_obs, dtype=bool)
 
     def write_rows(self, ids: np.ndarray, values: dict[str, np.ndarray]) -> None:
@@ -101,8 +111,25 @@ class ObsColumnWriter:
                     array[int(ids[s]): int(ids[e - 1]) + 1] = column[s:e]
         self._written[ids] = True
 
+    def mark_written(self, start: int, stop: int) -> None:
+        """Records rows ``[start, stop)`` as written by an earlier (interrupted) job."""
+        self._written[start:stop] = True
+
+    def tmp_paths(self) -> list[Path]:
+        """Directories of the temporary columns (``obs/.tmp-<name>``)."""
+        return [self.obs_dir / f".tmp-{name}" for name in self.names]
+
     def commit(self) -> None:
         """Publishes the columns (rename, ``column-order``, consolidated metadata).
+
+        Raises:
+            StoreFormatError: some rows were never written (the temporary elements are kept).
+        """
+        self.publish()
+        consolidate(self.store_path)
+
+    def publish(self) -> None:
+        """Renames the columns into place and lists them in ``column-order`` (no reconsolidation).
 
         Raises:
             StoreFormatError: some rows were never written (the temporary elements are kept).
@@ -114,14 +141,7 @@ class ObsColumnWriter:
                 f"rows were never written (first: cell {int(missing[0])})"
             )
         for name in self.names:
-            final, tmp, old = self.obs_dir / name, self.obs_dir / f".tmp-{name}", self.obs_dir / f".old-{name}"
-            if old.exists():
-                shutil.rmtree(old)
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            if old.exists():
-                shutil.rmtree(old)
+            publish_dir(self.obs_dir, f".tmp-{name}", name)
         attrs_path = self.obs_dir / ".zattrs"
         attrs = json.loads(attrs_path.read_text())
         order = list(attrs.get("column-order", []))
@@ -129,4 +149,25 @@ class ObsColumnWriter:
         tmp_attrs = self.obs_dir / ".zattrs.tmp"
         tmp_attrs.write_text(json.dumps(attrs, indent=2))
         os.replace(tmp_attrs, attrs_path)
-        zarr.consolidate_metadata(str(self.store_path), zarr_format=ZARR_FORMAT)
+
+
+def _code_dtype(categories: Sequence[str]) -> str:
+    return "int8" if len(categories) < 128 else "int16" if len(categories) < 32768 else "int32"
+
+
+def _reopen(obs: zarr.Group, tmp: str, spec, n_obs: int, chunk: int) -> zarr.Array | None:
+    """The codes or values array of a temporary column that matches ``spec``, or None (then it is recreated)."""
+    from anndata.io import read_elem
+
+    element = obs.get(tmp)
+    if isinstance(spec, str):
+        array, dtype = element, np.dtype(spec)
+    else:
+        if not isinstance(element, zarr.Group) or "codes" not in element or "categories" not in element:
+            return None
+        if [str(c) for c in read_elem(element["categories"])] != [str(c) for c in spec]:
+            return None
+        array, dtype = element["codes"], np.dtype(_code_dtype(list(spec)))
+    if isinstance(array, zarr.Array) and array.shape == (n_obs,) and array.chunks == (chunk,) and array.dtype == dtype:
+        return array
+    return None

@@ -16,7 +16,9 @@ Batch-level functions take a model in eval mode and a ``CiteBatch``; the store-l
   batch_size * (G + T)`` floats) and merged with a running logsumexp.
 
 Randomness comes from an explicit ``torch.Generator`` (posterior draws) and a numpy ``Generator`` (Bernoulli and
-NB draws of the predictive), both seeded from ``seed``; results depend on (model, cells, seed, batch_size).
+NB draws of the predictive), both seeded per block of ``batch_size`` consecutive store rows from ``(seed,
+block)`` (``cell_stream``); results depend on (model, cells, seed, batch_size), and the store-level functions
+here agree exactly with their write-backs (``predictive_store``), interrupted and resumed or not.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 from loaders.citebatch import CiteBatch
 from streamtotal.errors import ConfigError
-from streamtotal.inference.cell_stream import stream_cells
+from streamtotal.inference.cell_stream import block_generator, block_rng, stream_blocks
 from streamtotal.inference.posterior import _check, decode, draw_posterior
 from streamtotal.inference.selection import cell_ids as check_cell_ids, feature_indices
 from streamtotal.model.likelihoods import log_nb_mixture_from_log_means
@@ -191,8 +193,33 @@ def _positive(name: str, value) -> None:
 # ---------------------------------------------------------------------------------------------- over a store
 
 
-def _generators(post, seed: int) -> tuple[torch.Generator, np.random.Generator]:
-    return torch.Generator(device=post.device).manual_seed(int(seed)), np.random.default_rng([int(seed), 1])
+def _blocks(post, ids: np.ndarray, desc: str):
+    """``(block, batch, rows)`` of ``ids``, one batch per block of ``post.batch_size`` store rows."""
+    return stream_blocks(post.collection, ids, block_rows=post.batch_size, device=post.device, desc=desc,
+                         progress=post.progress)
+
+
+def predictive_block(post, block: int, batch: CiteBatch, n_samples: int, seed: int, genes: torch.Tensor | None,
+                     proteins: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior predictive counts of one block's batch, with that block's random sources."""
+    return sample_counts(post.model, batch, n_samples, generator=block_generator(seed, block, post.device),
+                         rng=block_rng(seed, block), genes=genes, proteins=proteins)
+
+
+def elbo_block(post, block: int, batch: CiteBatch, seed: int) -> dict[str, np.ndarray]:
+    """Per-cell ``{"elbo", "reconstruction", *ELBO_TERMS}`` (float64) of one block's batch."""
+    loss = elbo_terms(post.model, batch, generator=block_generator(seed, block, post.device))
+    out = {term: getattr(loss, term).double().cpu().numpy() for term in ELBO_TERMS}
+    out["elbo"] = -out["neg_elbo"]
+    out["reconstruction"] = out["rna_nll"] + out["protein_nll"]
+    return out
+
+
+def marginal_ll_block(post, block: int, batch: CiteBatch, n_mc_samples: int, chunk_size: int,
+                      seed: int) -> np.ndarray:
+    """Per-cell importance-sampled log p(x, y | s) (float64) of one block's batch."""
+    return marginal_log_likelihood(post.model, batch, n_mc_samples, chunk_size=chunk_size,
+                                   generator=block_generator(seed, block, post.device)).cpu().numpy()
 
 
 def posterior_predictive_sample(
@@ -224,12 +251,10 @@ def posterior_predictive_sample(
     n_p = post.registry.n_proteins if pidx is None else pidx.size
     rna = np.zeros((n_samples, ids.size, n_g), dtype=np.float32)
     protein = np.zeros((n_samples, ids.size, n_p), dtype=np.float32)
-    gen, rng = _generators(post, seed)
     gt = None if gidx is None else torch.as_tensor(gidx, device=post.device)
     pt = None if pidx is None else torch.as_tensor(pidx, device=post.device)
-    for batch, rows in stream_cells(post.collection, ids, batch_size=post.batch_size, device=post.device,
-                                    desc="predictive", progress=post.progress):
-        r, p = sample_counts(post.model, batch, n_samples, generator=gen, rng=rng, genes=gt, proteins=pt)
+    for block, batch, rows in _blocks(post, ids, "predictive"):
+        r, p = predictive_block(post, block, batch, n_samples, seed, gt, pt)
         rna[:, rows], protein[:, rows] = r, p
     return (rna[0], protein[0]) if n_samples == 1 else (rna, protein)
 
@@ -247,15 +272,10 @@ def elbo(
         SelectionError: unknown cells.
     """
     ids = check_cell_ids(cell_ids, post.n_obs)
-    out = {term: np.zeros(ids.size, dtype=np.float64) for term in ELBO_TERMS}
-    gen, _ = _generators(post, seed)
-    for batch, rows in stream_cells(post.collection, ids, batch_size=post.batch_size, device=post.device,
-                                    desc="elbo", progress=post.progress):
-        loss = elbo_terms(post.model, batch, generator=gen)
-        for term in ELBO_TERMS:
-            out[term][rows] = getattr(loss, term).double().cpu().numpy()
-    out["elbo"] = -out["neg_elbo"]
-    out["reconstruction"] = out["rna_nll"] + out["protein_nll"]
+    out = {term: np.zeros(ids.size, dtype=np.float64) for term in (*ELBO_TERMS, "elbo", "reconstruction")}
+    for block, batch, rows in _blocks(post, ids, "elbo"):
+        for term, values in elbo_block(post, block, batch, seed).items():
+            out[term][rows] = values
     return out if per_cell else {k: float(v.mean()) for k, v in out.items()}
 
 
@@ -291,9 +311,6 @@ def marginal_ll(
     _positive("chunk_size", chunk_size)
     ids = check_cell_ids(cell_ids, post.n_obs)
     out = np.zeros(ids.size, dtype=np.float64)
-    gen, _ = _generators(post, seed)
-    for batch, rows in stream_cells(post.collection, ids, batch_size=post.batch_size, device=post.device,
-                                    desc="marginal ll", progress=post.progress):
-        out[rows] = marginal_log_likelihood(post.model, batch, n_mc_samples, chunk_size=chunk_size,
-                                            generator=gen).cpu().numpy()
+    for block, batch, rows in _blocks(post, ids, "marginal ll"):
+        out[rows] = marginal_ll_block(post, block, batch, n_mc_samples, chunk_size, seed)
     return out if per_cell else float(out.mean())

@@ -7,6 +7,7 @@ import torch
 
 from streamtotal.errors import ConfigError, SelectionError
 from streamtotal.inference import predictive
+from streamtotal.inference.cell_stream import block_generator
 from streamtotal.inference.expression import StorePosterior
 from streamtotal.inference.posterior import decode, draw_posterior
 from streamtotal.model.likelihoods import log_nb, log_nb_mixture
@@ -66,12 +67,12 @@ def test_predictive_mean_matches_expected_counts(post):
 
 @torch.no_grad()
 def test_reconstruction_error_is_rna_plus_protein_nll_from_reference_likelihoods(post):
-    ids = np.arange(40, 90)  # within one batch of 64: the draws are those of one draw_posterior call
+    ids = np.arange(70, 120)  # within block 1 (rows 64..127) of batch size 64: one draw_posterior call
     terms = predictive.elbo(post, ids, per_cell=True, seed=7)
     recon = predictive.reconstruction_error(post, ids, per_cell=True, seed=7)
     np.testing.assert_array_equal(recon, terms["reconstruction"])
     batch = _read(post, ids)
-    draws = draw_posterior(post.model, batch, 1, sample=True, generator=torch.Generator().manual_seed(7))
+    draws = draw_posterior(post.model, batch, 1, sample=True, generator=block_generator(7, 1, "cpu"))
     gen = decode(post.model, draws, batch.batch)
     rna_nll = -log_nb(batch.rna, gen.rna_rate, gen.rna_log_theta.exp()).sum(1)
     protein_ll = log_nb_mixture(batch.protein, gen.protein_rate_back, gen.protein_rate_fore, gen.protein_theta,
@@ -90,8 +91,10 @@ def test_marginal_ll_bounds_the_elbo_and_tightens_with_more_samples(post):
     ids = np.arange(0, 500, 10)
     elbo = np.mean([predictive.elbo(post, ids, seed=s)["elbo"] for s in range(4)])
     ll = {k: predictive.marginal_ll(post, ids, n_mc_samples=k, chunk_size=16, seed=2) for k in (1, 10, 100, 200)}
-    # One importance sample is a one-draw ELBO (analytic KLs there): same expectation.
-    assert ll[1] == pytest.approx(elbo, abs=0.02 * abs(elbo))
+    # One importance sample is a one-draw ELBO (analytic KLs there): same expectation. Same seeds = same z and
+    # log beta draws (per block), so the comparison is paired and the Monte Carlo noise of z mostly cancels.
+    one_sample = np.mean([predictive.marginal_ll(post, ids, n_mc_samples=1, seed=s) for s in range(4)])
+    assert one_sample == pytest.approx(elbo, abs=0.02 * abs(elbo))
     assert ll[100] >= elbo
     assert ll[1] <= ll[10] + 0.5 and ll[10] <= ll[100] + 0.5
     assert ll[100] - ll[1] > 1.0  # the bound really tightens
