@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--proteins", type=int, default=100)
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", default="/tmp/streamtotal_ddp_scaling")
+    p.add_argument("--parts", default="scaling,flatness", help="comma-separated subset of scaling,flatness")
     args = p.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -83,8 +84,9 @@ def main() -> None:
     out["simulate_seconds"] = {"small": simulate(small, args.small, args.genes, args.proteins),
                                "large": simulate(large, args.large, args.genes, args.proteins)}
 
+    parts = set(args.parts.split(","))
     scaling = {}
-    for nproc in (1, 2):
+    for nproc in (1, 2) if "scaling" in parts else ():
         run_dir = work / f"run_small_np{nproc}"
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         summary, rss = run(train_cmd(small, run_dir, nproc, args.device, max(1, cores // nproc)),
@@ -92,11 +94,12 @@ def main() -> None:
         scaling[f"{nproc}_process"] = {"cells_per_s": summary["cells_per_s"], "wall_seconds": summary["wall_seconds"],
                                        "peak_rss_mib_largest_process": rss,
                                        "validation_neg_elbo": summary["validation_neg_elbo"]}
-    scaling["speedup_2_vs_1"] = scaling["2_process"]["cells_per_s"] / scaling["1_process"]["cells_per_s"]
-    out["scaling_small"] = scaling
+    if scaling:
+        scaling["speedup_2_vs_1"] = scaling["2_process"]["cells_per_s"] / scaling["1_process"]["cells_per_s"]
+        out["scaling_small"] = scaling
 
     flat = {}
-    for name, store in (("small", small), ("large", large)):
+    for name, store in (("small", small), ("large", large)) if "flatness" in parts else ():
         run_dir = work / f"run_{name}_flat"
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         summary, rss = run(train_cmd(store, run_dir, 1, args.device, cores))
@@ -104,8 +107,9 @@ def main() -> None:
         flat[name] = {"cells": cells, "train_cells_per_s": summary["cells_per_s"],
                       "end_to_end_cells_per_s": cells / summary["wall_seconds"],
                       "wall_seconds": summary["wall_seconds"], "peak_rss_mib": rss}
-    flat["peak_rss_ratio_large_vs_small"] = flat["large"]["peak_rss_mib"] / flat["small"]["peak_rss_mib"]
-    out["memory_flatness"] = flat
+    if flat:
+        flat["peak_rss_ratio_large_vs_small"] = flat["large"]["peak_rss_mib"] / flat["small"]["peak_rss_mib"]
+        out["memory_flatness"] = flat
     print(json.dumps(out, indent=1))
 
 

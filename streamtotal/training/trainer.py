@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from loaders.collection import Collection
-from loaders.plan import split_validation
+from loaders.plan import split_validation, validation_block
 from loaders.registry import Registry
 from loaders.stream import StreamConfig
 from loaders.stream_loader import StreamLoader
@@ -110,7 +110,11 @@ class Trainer:
             checkpoint = load_checkpoint(latest_checkpoint(self.run_dir.path))
             self._check_compatible(checkpoint)
 
-        self.train_ids, self.val_ids = split_validation(self.collection.n_obs, tc.validation_fraction, tc.seed)
+        # Checkpoints written before validation blocks existed (no key) held out single cells: keep their split.
+        self.validation_block = (checkpoint.get("validation_block", 1) if checkpoint is not None
+                                 else validation_block(self.collection.n_obs))
+        self.train_ids, self.val_ids = split_validation(self.collection.n_obs, tc.validation_fraction, tc.seed,
+                                                        block=self.validation_block)
         self._seed_everything(tc.seed)
         self.loader = StreamLoader(
             self.collection,
@@ -227,6 +231,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "registry": self.registry.to_dict(),
             "world_size": self.dist.world_size,
+            "validation_block": self.validation_block,
         }
 
     def _restore(self, ckpt: dict) -> None:

@@ -80,7 +80,8 @@ def test_refuses_impossible_plans():
         plan_epoch(10, seed=0, epoch=0, chunk_size=2, batch_size=4, world_size=2).slot(2, 0)
 
 
-@pytest.mark.parametrize("n, fraction", [(1000, 0.1), (7, 0.5), (10, 0.01), (50, 0.0), (1, 0.3)])
+@pytest.mark.parametrize("n, fraction", [(1000, 0.1), (7, 0.5), (10, 0.01), (50, 0.0), (1, 0.3), (20_000, 0.1),
+                                         (100_003, 0.1), (5_000, 0.37)])
 def test_split_validation(n, fraction):
     train, val = split_validation(n, fraction, seed=11)
     for part in (train, val):
@@ -99,3 +100,20 @@ def test_split_validation_depends_on_seed_and_refuses_bad_fraction():
     assert not np.array_equal(split_validation(1000, 0.2, seed=0)[1], split_validation(1000, 0.2, seed=1)[1])
     with pytest.raises(PlanError, match=r"\[0, 1\)"):
         split_validation(10, 1.0, seed=0)
+
+
+def test_large_stores_hold_out_runs_of_cells_small_ones_single_cells():
+    from loaders.plan import VALIDATION_BLOCK_CELLS, validation_block
+
+    assert validation_block(1_999) == 1 and validation_block(20_000) == 20
+    assert validation_block(10**7) == VALIDATION_BLOCK_CELLS
+    _, val = split_validation(1_000_000, 0.1, seed=3)
+    runs = np.count_nonzero(np.diff(val) != 1) + 1
+    # ~100,000 cells in runs of 64 (runs that touch merge): about 1,560 runs, not ~90,000 scattered cells.
+    assert runs <= val.size // VALIDATION_BLOCK_CELLS + 1
+    # Blocks start on multiples of the block size, except where a trimmed last block ends early.
+    starts = val[np.concatenate([[0], np.flatnonzero(np.diff(val) != 1) + 1])]
+    assert (starts % VALIDATION_BLOCK_CELLS == 0).all()
+    # The block size is a parameter: block=1 is the single-cell split.
+    _, single = split_validation(1_000_000, 0.1, seed=3, block=1)
+    assert np.count_nonzero(np.diff(single) != 1) > 80_000
