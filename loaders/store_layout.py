@@ -6,7 +6,7 @@ Layout (zarr format 2, readable by ``anndata.read_zarr`` and written by ``ZarrSt
       .zattrs            encoding-type "anndata", encoding-version "0.1.0"
       .zmetadata         consolidated metadata: one request opens the whole store (matters on S3)
       X/                 encoding-type "csr_matrix", shape [n_cells, n_genes]; raw RNA counts
-        data             float32 [nnz], chunks of ~chunk_cells cells' worth of entries, Blosc lz4 bitshuffle
+        data             float32 [nnz], chunks of ~chunk_cells cells' worth of entries, Blosc lz4 byte shuffle
         indices          int32   [nnz], same chunking and codec
         indptr           int64   [n_cells + 1] (int64: atlases pass 2**31 non-zeros)
       obsm/protein_expression   float32 [n_cells, n_proteins] dense, chunks of whole rows (cell blocks)
@@ -26,9 +26,11 @@ fast (zarr-python 3's own per-chunk overhead capped reads at ~30k cells/s on 2 c
 announced format 3 as its next default; our stores stay readable either way, and format 3 sharding
 (fewer objects on S3) can come later behind ``StoreLayoutConfig``.
 
-Why Blosc lz4 with bitshuffle: at 10x-like densities it reads fastest of what we measured and it halves
-the store (benchmarks/store_read_speed.py, 2 cores, 64 random 64-cell chunks per read). At 200
-non-zeros a cell: lz4 ~100-130k cells/s, Blosc zstd ~73k, uncompressed ~160k; at 2,000 non-zeros a
+Why Blosc lz4 with byte shuffle: lz4 reads fastest of what we measured and halves the store. Byte shuffle
+beats bit shuffle on float32 counts (they share exponent bytes, which byte shuffle groups): on 20k simulated
+cells x 2,000 genes at ~40% density the store is 38 MB instead of 61 MB and ``Collection.read_aligned`` of 64
+random 64-cell runs costs ~25% less CPU. Earlier figures (benchmarks/store_read_speed.py, bit shuffle, 2 cores,
+64 random 64-cell chunks per read), at 200 non-zeros a cell: lz4 ~100-130k cells/s, Blosc zstd ~73k, uncompressed ~160k; at 2,000 non-zeros a
 cell (10x-like, 20k genes): lz4 ~38k, uncompressed ~30k (more bytes to move), zstd ~21k. zstd stores
 are ~2.5x smaller than lz4: pick ``codec="zstd"`` for network storage where bytes cost more than CPU.
 
@@ -73,9 +75,11 @@ DICT_ENCODING = {"encoding-type": "dict", "encoding-version": "0.1.0"}
 class StoreLayoutConfig:
     """How a store's arrays are chunked and compressed. Readers do not need it: zarr records it."""
 
-    chunk_cells: int = 128
-    """Target number of cells per chunk. X data/indices chunks hold about this many cells' non-zeros
-    (estimated from the first appended block); protein chunks hold at least this many whole rows."""
+    chunk_cells: int = 64
+    """Target number of cells per chunk. A random run of L cells touches 1 + (L - 1) / C chunks of C cells on
+    average: for training's 64-cell runs, ~128 cells decoded with C = 64 against ~192 with C = 128. X
+    data/indices chunks hold about this many cells' non-zeros (estimated from the first appended block); protein
+    chunks hold at least this many whole rows."""
 
     min_chunk_elements: int = 16_384
     """Lower bound on elements per chunk, so very sparse or narrow data does not make tiny chunks."""
@@ -90,8 +94,8 @@ class StoreLayoutConfig:
     clevel: int = 5
     """Blosc compression level (lz4 decodes at the same speed at every level)."""
 
-    bitshuffle: bool = True
-    """Bit shuffle before compressing (smaller for small integer counts); False = byte shuffle."""
+    bitshuffle: bool = False
+    """Bit shuffle before compressing; False = byte shuffle (smaller and faster to decode for float32 counts)."""
 
     indptr_chunk: int = 1 << 20
     """Chunk length of ``X/indptr``; it is read whole when a store is opened."""
