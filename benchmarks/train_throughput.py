@@ -86,9 +86,10 @@ def run_streamtotal(args: argparse.Namespace, work: Path) -> dict:
 
     config = RunConfig(data=DataConfig(stores=(str(work / "data.zarr"),), batch_key="batch"),
                        train=TrainConfig(max_epochs=args.epochs, batch_size=256, seed=args.seed, progress=False,
-                                         checkpoint_every_steps=10**9, num_workers=args.num_workers))
+                                         checkpoint_every_steps=10**9, num_workers=args.num_workers,
+                                         precision=args.precision))
     t0 = time.perf_counter()
-    trainer = Trainer(config, work / "run")
+    trainer = Trainer(config, work / f"run_{args.precision}")
     t1 = time.perf_counter()
     summary = trainer.fit()
     t2 = time.perf_counter()
@@ -100,6 +101,7 @@ def run_streamtotal(args: argparse.Namespace, work: Path) -> dict:
         "cells_per_s_end_to_end": len(trainer.train_ids) * summary.epochs / (t2 - t0),
         "train_seconds": t2 - t1, "setup_seconds": t1 - t0,
         "val_neg_elbo": val["neg_elbo"], "peak_rss_mib": peak_rss_mib(), "torch_threads": torch.get_num_threads(),
+        "precision": trainer.precision,
     }
 
 
@@ -112,6 +114,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0, help="streamtotal DataLoader workers")
     p.add_argument("--workdir", help="keep data here (default: a temp dir)")
+    p.add_argument("--precision", default="fp32", help="streamtotal's train.precision (fp32, bf16, auto)")
+    p.add_argument("--also-bf16", action="store_true",
+                   help="also run streamtotal with bf16 autocast (CPUs with bf16 instructions) in the same run")
     p.add_argument("--only", choices=["scvi", "streamtotal"], help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -126,10 +131,13 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         prepare(args, work)
         results = {}
-        for name in ("scvi", "streamtotal"):
-            cmd = [sys.executable, __file__, "--only", name, "--workdir", str(work), "--cells", str(args.cells),
+        runs = [("scvi", "scvi", args.precision), ("streamtotal", "streamtotal", args.precision)]
+        if args.also_bf16:
+            runs.append(("streamtotal_bf16", "streamtotal", "bf16"))
+        for name, only, precision in runs:
+            cmd = [sys.executable, __file__, "--only", only, "--workdir", str(work), "--cells", str(args.cells),
                    "--genes", str(args.genes), "--proteins", str(args.proteins), "--epochs", str(args.epochs),
-                   "--seed", str(args.seed), "--num-workers", str(args.num_workers)]
+                   "--seed", str(args.seed), "--num-workers", str(args.num_workers), "--precision", precision]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -147,6 +155,11 @@ def main() -> None:
             "throughput_ratio": s["cells_per_s"] / r["cells_per_s"],
             "throughput_ratio_end_to_end": s["cells_per_s_end_to_end"] / r["cells_per_s_end_to_end"],
             "val_neg_elbo_relative_gap": (s["val_neg_elbo"] - r["val_neg_elbo"]) / abs(r["val_neg_elbo"]),
+            **({"streamtotal_bf16": results["streamtotal_bf16"],
+                "throughput_ratio_bf16": results["streamtotal_bf16"]["cells_per_s"] / r["cells_per_s"],
+                "val_neg_elbo_relative_gap_bf16":
+                    (results["streamtotal_bf16"]["val_neg_elbo"] - r["val_neg_elbo"]) / abs(r["val_neg_elbo"])}
+               if "streamtotal_bf16" in results else {}),
         }, indent=1))
 
 
