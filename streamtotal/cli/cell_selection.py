@@ -1,4 +1,5 @@
-"""``--cells`` / ``--cells-file``: choosing cells by name on the command line (shared by ``sample`` and ``elbo``)."""
+"""Arguments shared by ``sample`` and ``elbo``: choosing cells by name (``--cells`` / ``--cells-file``) and how to
+draw (seed, batch size, device, progress)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ def add_cell_arguments(p: argparse.ArgumentParser) -> None:
                        help="only these cells, by the store's obs names (default every cell)")
     group.add_argument("--cells-file", metavar="FILE",
                        help="only the cells named in FILE, one obs name per line ('#' comments allowed)")
+
+
+def add_draw_arguments(p: argparse.ArgumentParser) -> None:
+    """Adds ``--seed``, ``--batch-size``, ``--device`` and ``--no-progress`` (how ``sample`` and ``elbo`` draw)."""
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    p.add_argument("--batch-size", type=int, default=1024,
+                   help="cells per forward pass and per write chunk (default 1024)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def selected_cell_ids(args: argparse.Namespace, post) -> np.ndarray | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from streamtotal.cli.cell_selection import add_cell_arguments, selected_cell_ids
+from streamtotal.cli.cell_selection import add_cell_arguments, add_draw_arguments, selected_cell_ids
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,11 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="importance samples evaluated at once (memory: mc-chunk x batch-size cells; default 25)")
     p.add_argument("--write", action="store_true", help="write per-cell values into STORE's obs (every cell)")
     p.add_argument("--prefix", default="streamtotal", help="prefix of the obs columns written (default streamtotal)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
-    p.add_argument("--batch-size", type=int, default=1024,
-                   help="cells per forward pass and per write chunk (default 1024)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_draw_arguments(p)
     p.set_defaults(run=run)
 
 

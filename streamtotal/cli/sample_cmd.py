@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from streamtotal.cli.cell_selection import add_cell_arguments, selected_cell_ids
+from streamtotal.cli.cell_selection import add_cell_arguments, add_draw_arguments, selected_cell_ids
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,11 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="modalities written back (default both)")
     p.add_argument("--genes", nargs="+", help="only these genes (default all)")
     p.add_argument("--proteins", nargs="+", help="only these proteins (default all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
-    p.add_argument("--batch-size", type=int, default=1024,
-                   help="cells per forward pass and per write chunk (default 1024)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_draw_arguments(p)
     p.set_defaults(run=run)
 
 
