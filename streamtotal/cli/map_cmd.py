@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 
+from streamtotal.cli.knn_args import add_knn_arguments, knn_config_from_args
 from streamtotal.surgery.freeze import UNFROZEN_CHOICES
 
 
@@ -32,12 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-dropout", action="store_true", help="switch dropout off during query training")
     p.add_argument("--min-gene-overlap", type=float,
                    help="refuse a query study sharing less than this fraction of the reference genes")
-    p.add_argument("--batch-key", help="obs column of the query's batch (default: the reference's)")
+    p.add_argument("--batch-key", help="obs column of the query's batch, defining the new batches (default: the "
+                   "reference's; none there: every query store is one batch)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--predict", action="store_true",
-                   help="totalANVI reference: afterwards write predicted labels, probabilities, uncertainty and "
-                   "latent into every query store (as `streamtotal predict`)")
+                   help="afterwards write predicted labels, probabilities, uncertainty and latent into every query "
+                   "store (as `streamtotal predict`): by the classifier of a totalANVI reference, or by kNN "
+                   "transfer from the reference's labelled cells with --labels-key")
     p.add_argument("--prefix", default="streamtotal", help="prefix of the --predict results (default streamtotal)")
+    add_knn_arguments(p)
     t = p.add_argument_group("training (default: the reference's settings)")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
@@ -61,10 +65,11 @@ def run(args: argparse.Namespace) -> None:
     result = map_query(args.reference_run, args.query_stores, args.out, surgery=surgery, epochs=args.epochs,
                        batch_key=args.batch_key, min_gene_overlap=args.min_gene_overlap, resume=args.resume,
                        train={k: v for k, v in train.items() if v is not None}, predict=args.predict,
-                       prefix=args.prefix, progress=not args.no_progress)
+                       prefix=args.prefix, progress=not args.no_progress, knn=knn_config_from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"run_dir": str(args.out), "new_batches": result.report["new_batches"],
                           "steps": result.summary.steps, "epochs": result.summary.epochs,
                           "validation_neg_elbo": result.summary.validation.get("neg_elbo"),
-                          "predicted": [{"n_cells": r.n_cells, "counts": r.counts, "written": r.written}
-                                        for r in result.predictions]}))
+                          "predicted": [{"store": str(store), "n_cells": r.n_cells, "method": r.method,
+                                         "counts": r.counts, "written": r.written}
+                                        for store, r in zip(args.query_stores, result.predictions)]}))

@@ -49,7 +49,7 @@ def _cat(parts: list[CiteBatch]) -> CiteBatch:
 
 
 def stream_blocks(
-    collection: Collection, ids: np.ndarray, *, block_rows: int, device, desc: str, progress: bool,
+    collection: Collection, ids: np.ndarray, *, block_rows: int, device, desc: str, progress: bool, offset: int = 0,
 ) -> Iterator[tuple[int, CiteBatch, np.ndarray]]:
     """Reads ``ids`` in store order and yields ``(block, batch on device, rows)``, one batch per block.
 
@@ -65,6 +65,8 @@ def stream_blocks(
         device: where the batch is moved.
         desc: progress-bar label.
         progress: show a tqdm bar.
+        offset: blocks count from this global id (the first cell of one store of a multi-store collection):
+            block ``b`` is ids ``offset + [b * block_rows, (b + 1) * block_rows)``.
 
     Yields:
         ``(block, batch, rows)``.
@@ -86,7 +88,7 @@ def stream_blocks(
         return current_block, batch.to(device), rows
 
     for batch in tqdm(loader, total=len(loader), desc=desc, unit="batch", disable=not progress):
-        blocks = batch.cell_id.numpy() // block_rows
+        blocks = (batch.cell_id.numpy() - offset) // block_rows
         cuts = np.concatenate([[0], np.flatnonzero(np.diff(blocks)) + 1, [len(blocks)]])
         for start, stop in zip(cuts[:-1], cuts[1:]):
             block = int(blocks[start])

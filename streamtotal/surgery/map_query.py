@@ -4,7 +4,8 @@
     dropped, proteins masked / dropped, new batches appended) ──► alignment.json ──► expanded model (reference
     weights + new-batch rows, expand.py) ──► freeze per the recipe (freeze.py) ──► Trainer: streamed,
     checkpointed, exactly resumable, DDP ──► QUERY_RUN/model.pt + registry.json (embed / predict work on it)
-    ──► optionally predict_labels into the query store (totalANVI references).
+    ──► optionally predict_labels_many into every query store (totalANVI classifier, or kNN transfer from the
+    reference's labelled cells for a totalVI reference).
 
 The recipe and the reference are recorded in the query registry's ``extra["surgery"]`` (so in every checkpoint
 and in model.pt); resuming with another recipe or reference is refused.
@@ -26,6 +27,7 @@ from loaders.registry import Registry
 from streamtotal.config import RunConfig
 from streamtotal.data import open_collection
 from streamtotal.errors import CheckpointError, ConfigError
+from streamtotal.inference.knn_transfer import KnnConfig
 from streamtotal.model.totalvi import TotalVI
 from streamtotal.surgery.expand import expand_reference, query_model_config
 from streamtotal.surgery.freeze import Freezing, SurgeryConfig, freeze
@@ -195,23 +197,50 @@ class MapResult:
     predictions: list
 
 
+def check_predictable(reference: TrainedModel, stores, knn) -> None:
+    """Refuses, before any training, a ``--predict`` that could not run at the end: a totalVI reference without
+    a labels column for kNN transfer, or a query store results cannot be written into.
+
+    Raises:
+        ConfigError: naming the reference run or the store, and what to pass instead.
+    """
+    run = reference.source.parent
+    if knn is None and reference.model.label_classifier is None:
+        raise ConfigError(f"--predict: reference {run} is a totalVI run without a label classifier; transfer the "
+                          "labels of its cells by kNN with --labels-key KEY (their obs column), or map onto a "
+                          "totalANVI reference")
+    if knn is not None and knn.reference_run is None and not (knn.labels_key or reference.config.data.labels_key):
+        raise ConfigError(f"--predict: kNN transfer needs the obs column of reference {run}'s labels; pass "
+                          "--labels-key KEY")
+    for store in stores:
+        if not (Path(str(store)) / "obs" / ".zattrs").is_file():
+            raise ConfigError(f"--predict writes into every query store, and {store} is not a local AnnData Zarr "
+                              "store; convert it with `streamtotal ingest`, or map without --predict and run "
+                              "`streamtotal predict` on a Zarr copy")
+
+
 def map_query(reference_run, stores, out, *, predict: bool = False, prefix: str = "streamtotal",
-              progress: bool = False, **kwargs) -> MapResult:
+              progress: bool = False, knn: KnnConfig | None = None, **kwargs) -> MapResult:
     """Maps ``stores`` onto ``reference_run`` into ``out`` (see ``build_query_trainer`` for the options); with
-    ``predict`` and a totalANVI reference, writes labels, probabilities, uncertainty and latent into every query
-    store chunk by chunk (``predict_labels``)."""
+    ``predict``, writes labels, probabilities, uncertainty and latent into every query store chunk by chunk
+    (``predict_labels_many``): by the classifier of a totalANVI reference, or by kNN transfer (``knn``) from
+    the reference's labelled cells. The stores are read as one collection, as the mapping read them, so the
+    new batches (``batch_key``) mean the same in training and prediction.
+
+    Raises:
+        ConfigError: ``predict`` cannot run (checked before training; see ``check_predictable``).
+        As ``build_query_trainer``.
+    """
+    if predict:
+        check_predictable(load_trained(reference_run), stores, knn)
     trainer, report = build_query_trainer(reference_run, stores, out, **kwargs)
-    if predict and trainer.model.label_classifier is None:
-        raise ConfigError(f"--predict needs a totalANVI reference; {reference_run} has no label classifier "
-                          "(embed the query run instead: streamtotal embed)")
     summary = trainer.fit()
     predictions = []
     if predict and trainer.dist.is_main:
-        from streamtotal.inference.labels import predict_labels
+        from streamtotal.inference.labels import predict_labels_many
 
-        for store in stores:
-            predictions.append(predict_labels(out, store, prefix=prefix, progress=progress,
-                                              device=trainer.config.train.device))
+        predictions = predict_labels_many(out, stores, prefix=prefix, progress=progress,
+                                          device=trainer.config.train.device, knn=knn)
     trainer.dist.barrier()
     trainer.dist.close()
     return MapResult(Path(out), report, summary, predictions)

@@ -69,6 +69,29 @@ def test_trains_from_scratch_and_predicts_held_out_labels(totalanvi_run, small_s
     assert sum(result.counts.values()) == adata.n_obs
 
 
+def test_interrupted_prediction_write_back_resumes_only_the_missing_chunks(totalanvi_run, small_store, tmp_path,
+                                                                           monkeypatch):
+    from streamtotal.inference.write_back import FAIL_ENV, InjectedFailure
+
+    run, _ = totalanvi_run
+    clean, store = tmp_path / "clean.zarr", tmp_path / "interrupted.zarr"
+    shutil.copytree(small_store, clean)
+    shutil.copytree(small_store, store)
+    expected = predict_labels(run, clean, progress=False, keep=True, batch_size=100)
+    monkeypatch.setenv(FAIL_ENV, "3")  # 700 cells = 7 units of 100; die after the third
+    with pytest.raises(InjectedFailure):
+        predict_labels(run, store, progress=False, batch_size=100)
+    assert "streamtotal_label" not in ad.read_zarr(store).obs  # nothing published by the killed job
+    monkeypatch.setenv(FAIL_ENV, "5")  # a rerun that recomputed all 7 units would die again
+    resumed = predict_labels(run, store, progress=False, keep=True, batch_size=100)
+    got, want = ad.read_zarr(store), ad.read_zarr(clean)
+    np.testing.assert_array_equal(got.obs["streamtotal_label"].to_numpy(), want.obs["streamtotal_label"].to_numpy())
+    np.testing.assert_array_equal(got.obsm["streamtotal_label_probs"], want.obsm["streamtotal_label_probs"])
+    np.testing.assert_array_equal(got.obsm["streamtotal_latent"], want.obsm["streamtotal_latent"])
+    np.testing.assert_array_equal(resumed.probabilities, expected.probabilities)  # kept values read back
+    assert resumed.counts == expected.counts
+
+
 def test_predict_cli_no_write_back_exports_h5ad(totalanvi_run, small_store, tmp_path):
     run, _ = totalanvi_run
     out = tmp_path / "pred.h5ad"
