@@ -20,13 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+from _common import peak_rss_mib
 
 
 def child(args: argparse.Namespace) -> None:

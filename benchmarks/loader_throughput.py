@@ -30,15 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import peak_rss_mib
+
 BATCH_SIZE = 256
-
-
-def peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def mixing_tvd(batch_codes: np.ndarray, order: np.ndarray, batch_size: int) -> float:

@@ -35,15 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import peak_rss_mib
+
 SIM_ARGS = {"cell_types": 6, "batches": 8, "missing_proteins": 5, "seed": 0}  # as benchmarks/ddp_scaling.py
-
-
-def peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 # ---------------------------------------------------------------------------------------------- the child process

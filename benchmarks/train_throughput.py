@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,15 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a
-    child would report its parent's peak (the data generation) instead of its own."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from _common import peak_rss_mib
 
 
 def prepare(args: argparse.Namespace, work: Path) -> None:
