@@ -43,7 +43,10 @@ def test_aligned_chunk_rows_divide_the_unit():
     for unit, columns in [(1024, 4), (1024, 2000), (1000, 40), (64, 6), (997, 10), (4096, 1)]:
         rows = aligned_chunk_rows(unit, columns)
         assert unit % rows == 0
-    assert aligned_chunk_rows(1024, 2000) == 128  # the layout's 128-row chunks for wide arrays
+    from loaders.store_layout import StoreLayoutConfig
+
+    wide = StoreLayoutConfig().row_chunk(2000)
+    assert aligned_chunk_rows(1024, 2000) == wide and 1024 % wide == 0  # the layout's own chunks for wide arrays
     assert aligned_chunk_rows(997, 10) == 997  # a prime unit: one chunk per unit, never a shared chunk
 
 
