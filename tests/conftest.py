@@ -104,3 +104,15 @@ def pytest_collection_modifyitems(config, items):
     """Tests that import JAX (scib-metrics, in the evaluation report) run last: JAX starts threads, and a later
     os.fork() (DataLoader workers, forked readers) in the same process could deadlock."""
     items.sort(key=lambda item: "test_evaluate" in item.nodeid)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Runs a test on one torch thread: tiny models gain nothing from intra-op threads, and on a shared 2-core
+    machine OpenMP threads that wait for a descheduled sibling stall a step for hundreds of milliseconds."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -19,12 +19,7 @@ from streamtotal.training.checkpoint import list_checkpoints
 from streamtotal.training.trainer import Trainer
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(store, totalanvi=True, **train):

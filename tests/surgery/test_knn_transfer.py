@@ -31,12 +31,7 @@ SIM = dict(n_genes=100, n_proteins=6, n_cell_types=3, n_batches=2, n_missing_pro
 LABELS = ["type_0", "type_1", "type_2"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_stores(base):

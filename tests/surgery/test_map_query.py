@@ -34,12 +34,7 @@ QUERY_PROTEINS = ["PROT004", "PROT002", "PROT001", "PROT000"]  # a subset, in an
 EXTRA_PROTEIN = "CD_EXTRA"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write(sim, path, genes_keep, protein_cols, gene_extra=0, protein_extra=None, batch_prefix=None):

@@ -32,12 +32,7 @@ SIM = SimulationConfig(n_cells=300, n_genes=100, n_proteins=12, n_cell_types=3, 
 SMALL = dict(n_latent=6, n_hidden=32)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
