@@ -87,18 +87,11 @@ def split_validation(
     elif n_val:
         starts = rng.permutation(np.arange(0, n_obs, block))
         sizes = np.minimum(starts + block, n_obs) - starts
-        k = int(np.searchsorted(np.cumsum(sizes), n_val))  # blocks 0..k cover n_val cells; block k is trimmed
-        chosen = np.sort(starts[: k + 1])
-        taken = np.minimum(chosen + block, n_obs) - chosen
-        excess = int(taken.sum()) - n_val
-        ranges = [np.arange(a, a + n) for a, n in zip(chosen.tolist(), taken.tolist())]
-        picked = np.concatenate(ranges)
-        if excess:
-            # Trim the excess from the end of the last drawn block (k), wherever it sits in sorted order.
-            last = starts[k]
-            drop = np.arange(min(last + block, n_obs) - excess, min(last + block, n_obs))
-            picked = np.setdiff1d(picked, drop, assume_unique=True)
-        is_val[picked] = True
+        k = int(np.searchsorted(np.cumsum(sizes), n_val))  # drawn blocks 0..k cover n_val cells
+        # The drawn blocks' cells in draw order, cut at n_val: the last drawn block is trimmed from its end.
+        picked = np.concatenate([np.arange(a, a + n) for a, n in zip(starts[: k + 1].tolist(),
+                                                                     sizes[: k + 1].tolist())])
+        is_val[picked[:n_val]] = True
     return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
 
 

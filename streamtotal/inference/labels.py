@@ -238,10 +238,10 @@ def predict_labels(
         As ``predict_labels_many``.
     """
     keep = keep or export_h5ad is not None
-    result = predict_labels_many(run_dir, [store], write_back=write_back, prefix=prefix, keep=keep,
+    trained = run_dir if isinstance(run_dir, TrainedModel) else load_trained(run_dir)
+    result = predict_labels_many(trained, [store], write_back=write_back, prefix=prefix, keep=keep,
                                  batch_size=batch_size, device=device, progress=progress, knn=knn)[0]
     if export_h5ad is not None:
-        trained = run_dir if isinstance(run_dir, TrainedModel) else load_trained(run_dir)
         data = replace(trained.config.data, stores=(str(store),), labels_key=None)
         collection = open_collection(data, registry=trained.registry)
         result.exported = _export(collection, result, _keys(prefix), Path(export_h5ad))
