@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from loaders.thread_priority import lower_current_thread_priority
@@ -14,8 +16,8 @@ I = TypeVar("I")
 _POLL_S = 0.05
 
 
-def prefetch(fn: Callable[[I], T], items: Iterable[I], ahead: int) -> Iterator[T]:
-    """Yields ``fn(item)`` for each item, computing up to ``ahead`` results ahead on a background thread.
+def prefetch(fn: Callable[[I], T], items: Iterable[I], ahead: int, threads: int = 1) -> Iterator[T]:
+    """Yields ``fn(item)`` for each item, computing up to ``ahead`` results ahead on background threads.
 
     At most ``ahead + 1`` results are alive at once, counting the one the consumer holds (a token is taken
     before each ``fn`` call and given back when the consumer asks for the next result, so the consumer must
@@ -28,6 +30,9 @@ def prefetch(fn: Callable[[I], T], items: Iterable[I], ahead: int) -> Iterator[T
         fn: the work (e.g. read one I/O group).
         items: its inputs, in order.
         ahead: results computed ahead of the consumer (>= 0).
+        threads: background threads computing results concurrently (at most ``ahead`` run at once; results are
+            still yielded in item order). More than one pays when ``fn`` spends its time outside the GIL with
+            cores to spare (a TileDB query, object-store latency).
 
     Returns:
         An iterator of results in item order.
@@ -35,6 +40,9 @@ def prefetch(fn: Callable[[I], T], items: Iterable[I], ahead: int) -> Iterator[T
     if ahead <= 0:
         for item in items:
             yield fn(item)
+        return
+    if threads > 1 and ahead > 1:
+        yield from _prefetch_concurrent(fn, items, ahead, min(threads, ahead))
         return
     tokens = threading.Semaphore(ahead + 1)
     results: queue.Queue = queue.Queue()
@@ -73,3 +81,31 @@ def prefetch(fn: Callable[[I], T], items: Iterable[I], ahead: int) -> Iterator[T
     finally:
         stop.set()
         thread.join()
+
+
+def _prefetch_concurrent(fn: Callable[[I], T], items: Iterable[I], ahead: int, threads: int) -> Iterator[T]:
+    """``prefetch`` with a pool of ``threads`` readers: ``ahead`` calls are submitted in item order, and one more is
+    submitted each time the consumer asks for the next result, so at most ``ahead + 1`` results are alive (the
+    same bound as one reader thread). Closing cancels what has not started and waits for what has."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="streamtotal-prefetch",
+                              initializer=lower_current_thread_priority)
+    pending: deque[Future] = deque()
+    source = iter(items)
+
+    def submit_next() -> None:
+        for item in source:
+            pending.append(pool.submit(fn, item))
+            return
+
+    try:
+        for _ in range(ahead):
+            submit_next()
+        while pending:
+            value = pending.popleft().result()  # re-raises fn's exception here, in the consumer
+            yield value
+            value = None  # drop our reference before the next result is computed (memory bound)
+            submit_next()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)

@@ -372,25 +372,40 @@ class SomaSource(PicklesByInitArgs):
 
         Results come cell by cell (TileDB's global order within a fragment), so output rows are found
         per run of equal soma_dim_0 rather than per entry (a binary search per entry cost more than
-        the read itself).
+        the read itself). ``cols`` are int32 column indices, checked to lie in ``[0, n_cols)``.
         """
         dim0 = table.column("soma_dim_0").to_numpy()
         dim1 = table.column("soma_dim_1").to_numpy()
         # A copy: Arrow's buffers are read-only, and callers shuffle and scale rows in place.
         data = np.array(table.column("soma_data").to_numpy(), dtype=np.float32)
         if dim0.size == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), dim1, data
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32), data
         bounds = np.flatnonzero(dim0[1:] != dim0[:-1]) + 1
         run_starts = np.concatenate([[0], bounds])
         run_lengths = np.diff(np.append(run_starts, dim0.size))
         run_rows = np.searchsorted(joinids, dim0[run_starts])
-        if lookup is not None:
-            if dim1.max() >= lookup.size:
+        # One pass per check on 3-4 M entries a read: max only (soma joinids are never negative), and the
+        # var lookup's own bounds check via take(mode="raise").
+        if lookup is None:
+            if int(dim1.max()) >= n_cols:
                 self._raise_stray(what)
-            dim1 = lookup[dim1]
-        if dim1.min() < 0 or dim1.max() >= n_cols:
-            self._raise_stray(what)
-        return run_rows, run_lengths, dim1, data
+            cols = dim1.astype(np.int32)
+        else:
+            try:
+                cols = self._lookup32(lookup).take(dim1)
+            except IndexError:
+                self._raise_stray(what)
+            if int(cols.min()) < 0:
+                self._raise_stray(what)
+        return run_rows, run_lengths, cols, data
+
+    def _lookup32(self, lookup: np.ndarray) -> np.ndarray:
+        """The var lookup as int32 (columns fit), cached per lookup array."""
+        cached = getattr(self, "_lookup32_cache", None)
+        if cached is None or cached[0] is not lookup:
+            cached = (lookup, lookup.astype(np.int32))
+            self._lookup32_cache = cached
+        return cached[1]
 
     def _raise_stray(self, what: str) -> None:
         raise StoreFormatError(
@@ -399,17 +414,14 @@ class SomaSource(PicklesByInitArgs):
         )
 
     def _csr(self, table, joinids, n_cols, lookup, what) -> sp.csr_matrix:
+        """CSR rows of ``joinids``. Columns within a row keep TileDB's order (sorted for one fragment, possibly
+        not after a remapping lookup); CSR allows that, and SOMA arrays hold no duplicate coordinates."""
         run_rows, run_lengths, cols, data = self._coo(table, joinids, n_cols, lookup, what)
         n = joinids.size
-        in_order = run_rows.size < 2 or bool((run_rows[1:] > run_rows[:-1]).all())
-        if in_order and cols.size > 1:
-            steps = np.diff(cols)
-            steps[np.cumsum(run_lengths)[:-1] - 1] = 1  # a new cell may start at any column
-            in_order = bool((steps > 0).all())
-        if not in_order:
-            # Several fragments hold the same cells (e.g. rewritten rows): sort by (row, column).
+        if run_rows.size > 1 and not bool((run_rows[1:] > run_rows[:-1]).all()):
+            # Several fragments hold the same cells (e.g. rows appended out of order): group entries by row.
             rows = np.repeat(run_rows, run_lengths)
-            order = np.lexsort((cols, rows))
+            order = np.argsort(rows, kind="stable")
             cols, data = cols[order], data[order]
             run_rows, run_lengths = np.unique(rows[order], return_counts=True)
         counts = np.zeros(n, dtype=np.int64)
@@ -417,9 +429,7 @@ class SomaSource(PicklesByInitArgs):
         indptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
         index_dtype = np.int32 if indptr[-1] < np.iinfo(np.int32).max else np.int64
-        return sp.csr_matrix(
-            (np.ascontiguousarray(data), cols.astype(np.int32), indptr.astype(index_dtype)), shape=(n, n_cols)
-        )
+        return sp.csr_matrix((data, cols, indptr.astype(index_dtype)), shape=(n, n_cols))
 
     def _dense(self, table, joinids, n_cols, lookup) -> np.ndarray:
         run_rows, run_lengths, cols, data = self._coo(table, joinids, n_cols, lookup, "protein")

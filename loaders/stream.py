@@ -43,6 +43,10 @@ class StreamConfig:
     prefetch_batches: int = 2
     """I/O groups read ahead by a background thread in each worker (0: read inline)."""
 
+    read_threads: int = 2
+    """I/O groups read concurrently (at most ``prefetch_batches``; 1 = one reader thread). Reads whose time is spent
+    outside Python (TileDB queries, object-store requests) overlap; the memory bound does not change."""
+
     ready_batches: int = 2
     """Dense minibatches cut from the groups and densified ahead of the consumer by a second background thread
     (0, or ``prefetch_batches == 0``: cut in the consuming thread). Takes ~2 ms a 256-cell batch off the training
@@ -55,7 +59,7 @@ class StreamConfig:
     """Start method of DataLoader workers ("fork", "spawn", "forkserver"); None: the platform default."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "chunk_size", "io_chunks"):
+        for name in ("batch_size", "chunk_size", "io_chunks", "read_threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"StreamConfig.{name} must be an integer >= 1; got {value!r}")
@@ -187,7 +191,7 @@ class Stream(torch.utils.data.IterableDataset):
                 order = order[rng.permutation(order.size)]
             return rows, order
 
-        batches = _cut(prefetch(read_group, groups, cfg.prefetch_batches), slot.batch_sizes[start_batch:], skip)
+        batches = _cut(prefetch(read_group, groups, cfg.prefetch_batches, cfg.read_threads), slot.batch_sizes[start_batch:], skip)
         if not (cfg.prefetch_batches and cfg.ready_batches):
             yield from batches
             return

@@ -117,6 +117,8 @@ def test_prefetch_does_not_change_content(collection):
     inline = _run(Stream(collection, ids, StreamConfig(**base, prefetch_batches=0)))
     ahead = _run(Stream(collection, ids, StreamConfig(**base, prefetch_batches=3)))
     _assert_same(inline, ahead)
+    one_reader = _run(Stream(collection, ids, StreamConfig(**base, prefetch_batches=3, read_threads=1)))
+    _assert_same(inline, one_reader)
 
 
 def test_plain_dataloader_with_other_worker_count_is_refused(collection):
@@ -203,6 +205,8 @@ def test_config_checks():
         StreamConfig(batch_size=0)
     with pytest.raises(ConfigError, match="prefetch_batches"):
         StreamConfig(prefetch_batches=-1)
+    with pytest.raises(ConfigError, match="read_threads"):
+        StreamConfig(read_threads=0)
     assert StreamConfig(io_chunks=3, chunk_size=5).io_cells == 15
 
 
