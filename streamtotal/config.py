@@ -92,6 +92,9 @@ class TrainConfig:
     """DataLoader worker processes (0 = read in a background thread of the main process)."""
     prefetch_batches: int = 2
     """I/O batches read ahead of the one being consumed."""
+    read_threads: int = 2
+    """I/O batches read concurrently (at most ``prefetch_batches``): overlaps TileDB queries and object-store
+    requests; the memory bound does not change."""
     threads: int = 0
     """torch CPU threads; 0 = torch's default."""
     device: str = "auto"
@@ -126,6 +129,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if self.read_threads < 1:
+            raise ConfigError(f"train.read_threads must be >= 1, got {self.read_threads!r}")
         if (self.num_workers < 0 or self.prefetch_batches < 0 or self.threads < 0 or self.early_stopping_patience < 0
                 or self.validation_cache_mb < 0):
             raise ConfigError("train.num_workers, prefetch_batches, threads, early_stopping_patience and "

@@ -121,6 +121,7 @@ class Trainer:
             self.train_ids,
             StreamConfig(batch_size=tc.batch_size, chunk_size=tc.chunk_size, io_chunks=tc.io_chunks, shuffle=True,
                          seed=tc.seed, num_workers=tc.num_workers, prefetch_batches=tc.prefetch_batches,
+                         read_threads=tc.read_threads,
                          pin_memory=self.device.type == "cuda"),
             rank=self.dist.rank,
             world_size=self.dist.world_size,
