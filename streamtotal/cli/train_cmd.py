@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--adversarial", action="store_true", default=None, help="add an adversarial batch classifier")
     m.add_argument("--totalanvi", action="store_true", default=None,
                    help="totalANVI: train a cell-type classifier on z jointly (needs --labels-key)")
+    m.add_argument("--label-prior", choices=("none", "m2"),
+                   help="totalANVI: prior of z; m2 = scANVI's label-conditional prior (scvi-tools' TOTALANVI); "
+                   "default none")
     m.add_argument("--classification-ratio", type=float,
                    help="totalANVI: weight of the classification loss (default 50, as scvi-tools)")
     p.add_argument("--from", dest="init_from", metavar="RUN_DIR",
@@ -82,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "model": {"n_latent": args.n_latent, "n_hidden": args.n_hidden, "latent_library": args.latent_library,
                   "empirical_protein_background_prior": args.empirical_prior,
                   "adversarial_classifier": args.adversarial, "label_classifier": args.totalanvi,
-                  "classification_ratio": args.classification_ratio},
+                  "classification_ratio": args.classification_ratio, "label_prior": args.label_prior},
         "train": {"max_epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                   "validation_fraction": args.validation_fraction, "num_workers": args.num_workers,
                   "checkpoint_every_steps": args.checkpoint_every, "device": args.device, "threads": args.threads,

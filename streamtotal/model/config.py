@@ -82,6 +82,10 @@ class ModelConfig:
     """totalANVI: hidden layers of the classifier; None = ``n_layers_encoder`` (as scvi-tools); 0 = linear."""
     label_classifier_dropout: float | None = None
     """totalANVI: dropout of the classifier's hidden layers; None = ``dropout_rate_encoder`` (as scvi-tools)."""
+    label_prior: str = "none"
+    """totalANVI: the prior of z. "none": N(0, I), as totalVI. "m2": scANVI's label-conditional prior (z | z2, y;
+    the M1+M2 model of scvi-tools' TOTALANVI, label_prior.py): cells of a type are drawn together in z, and
+    unlabelled cells train the classifier through the ELBO."""
 
     def __post_init__(self) -> None:
         for name in ("n_latent", "n_hidden", "n_layers_encoder", "n_layers_decoder", "adversarial_n_hidden",
@@ -99,6 +103,7 @@ class ModelConfig:
             "protein_dispersion": ("protein", "protein-batch"),
             "protein_input_mean": ("measured", "all"),
             "foreground_activation": ("softplus", "relu"),
+            "label_prior": ("none", "m2"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -117,6 +122,10 @@ class ModelConfig:
             raise ConfigError(
                 f"model.label_classifier_dropout must be in [0, 1), got {self.label_classifier_dropout!r}"
             )
+
+        if self.label_prior != "none" and not self.label_classifier:
+            raise ConfigError(f"model.label_prior = {self.label_prior!r} is part of totalANVI: it needs "
+                              "model.label_classifier = true (--totalanvi --labels-key KEY)")
 
     def norms(self, part: Literal["encoder", "decoder"]) -> tuple[bool, bool]:
         """Whether ``part``'s hidden layers use (batch norm, layer norm)."""

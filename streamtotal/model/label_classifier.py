@@ -10,8 +10,9 @@ training loss is
 
 and ``neg_elbo`` stays the pure negative ELBO. A minibatch without labelled cells adds 0.
 
-Unlike scvi-tools' TOTALANVI this is not the M2 model: there is no second latent z2 | z1, y and no
-enumeration over labels for unlabelled cells (DESIGN.md: "a classifier on z trained jointly"). The labelled
+By default z keeps totalVI's N(0, I) prior (DESIGN.md: "a classifier on z trained jointly"); ``model.label_prior =
+"m2"`` adds scvi-tools' M2 label-conditional prior (z | z2, y, label_prior.py), under which unlabelled cells also
+train the classifier through the ELBO. The labelled
 cells are those of the streamed minibatch (scvi-tools draws a separate labelled minibatch every step), so the
 classification term's weight per step is the same whatever the labelled fraction, but its noise grows as the
 fraction shrinks.

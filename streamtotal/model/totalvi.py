@@ -36,6 +36,7 @@ from streamtotal.errors import ConfigError, ModelInputError
 from streamtotal.model.adversarial import BatchClassifier
 from streamtotal.model.config import ModelConfig
 from streamtotal.model.label_classifier import LabelClassifier, add_classification_loss
+from streamtotal.model.label_prior import LabelConditionalPrior
 from streamtotal.model.layers import CovariateLinear, FCStack
 from streamtotal.model.likelihoods import log_nb_mixture_from_log_means
 from streamtotal.model.outputs import GenerativeOutputs, InferenceOutputs, LossOutput
@@ -130,6 +131,7 @@ class TotalVI(nn.Module):
             if c.adversarial_classifier else None
         )
         self.label_classifier = LabelClassifier(c, n_labels) if c.label_classifier else None
+        self.label_prior = LabelConditionalPrior(c, n_labels) if c.label_prior == "m2" else None
 
     def _protein_prior(self, prior) -> tuple[torch.Tensor, torch.Tensor]:
         """``[n_batch, T]`` mean and scale from ``[T, n_batch]`` inputs (row gathers by batch are cheaper)."""
@@ -370,6 +372,20 @@ class TotalVI(nn.Module):
         out = self.loss(batch, inference, generative, kl_weight)
         if self.label_classifier is not None:  # totalANVI
             out = add_classification_loss(out, self.label_classifier, batch.label, self.config.classification_ratio)
+            if self.label_prior is not None:
+                out = self._with_label_prior(out, batch.label, kl_weight)
+        return out
+
+    def _with_label_prior(self, out: LossOutput, labels: torch.Tensor, kl_weight: float) -> LossOutput:
+        """Replaces KL(q(z) || N(0, I)) by the label-conditional prior's z term (label_prior.py) in the ELBO and
+        the loss. Unlabelled cells are weighted by the classifier's p(y | z) on the sampled z (as scvi-tools)."""
+        inf = out.inference
+        probs = torch.softmax(self.label_classifier(inf.z), dim=-1)
+        kl_z = self.label_prior.kl_z(inf.z, inf.qz_mean, inf.qz_var, probs, labels)
+        change = kl_z - out.kl_z
+        out.loss = out.loss + kl_weight * change.mean()
+        out.neg_elbo = out.neg_elbo + change
+        out.kl_z = kl_z
         return out
 
     def _check_shapes(self, rna, protein, protein_mask, batch) -> None:

@@ -129,7 +129,7 @@ def freeze(model: nn.Module, batch_rows: set[str], n_reference_batches: int, con
     """
     result = Freezing()
     modules = dict(model.named_modules())
-    label_head = "label_classifier."
+    label_head = ("label_classifier.", "label_prior.")  # label networks: never batch-specific, always frozen
     unfreeze_bn = config.unfrozen in ("covariates+batchnorm", "all")
     for name, param in model.named_parameters():
         result._params[name] = param

@@ -18,7 +18,7 @@ from streamtotal.model.config import ModelConfig
 from streamtotal.model.totalvi import TotalVI
 
 LABEL_FIELDS = ("label_classifier", "classification_ratio", "label_classifier_n_hidden", "label_classifier_n_layers",
-                "label_classifier_dropout")
+                "label_classifier_dropout", "label_prior")
 """Model-config fields that may differ between a run and the run it starts from."""
 
 
@@ -57,8 +57,9 @@ def initialise_from(model: TotalVI, registry: Registry, source: str | Path) -> N
 
     trained = load_trained(source)
     check_init_compatible(trained.config.model, trained.registry, model.config, registry, source)
-    state = {k: v for k, v in trained.model.state_dict().items() if not k.startswith("label_classifier.")}
+    label_parts = ("label_classifier.", "label_prior.")  # totalANVI's own networks start fresh
+    state = {k: v for k, v in trained.model.state_dict().items() if not k.startswith(label_parts)}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    stray = [k for k in missing if not k.startswith("label_classifier.")]
+    stray = [k for k in missing if not k.startswith(label_parts)]
     if stray or unexpected:  # cannot happen with equal configs; guard against a silent partial copy
         raise ConfigError(f"--from {source}: weights do not match (missing {stray}, unexpected {unexpected})")

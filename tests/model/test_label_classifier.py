@@ -116,3 +116,69 @@ def test_config_checks():
         ModelConfig(label_classifier_dropout=1.0)
     with pytest.raises(ConfigError):
         ModelConfig(classification_ratio=-1.0)
+
+
+# ----------------------------------------------------------------------------- the M2 label-conditional prior
+
+def _direct_label_prior_kl(prior, z, qz_mean, qz_var, probs, labels, eps):
+    """The z term of the M1+M2 ELBO label by label with torch.distributions (eval mode: cells do not interact)."""
+    from torch.distributions import Normal, kl_divergence
+
+    n, k = z.shape[0], prior.n_labels
+    weights = torch.where((labels >= 0)[:, None], F.one_hot(labels.clamp(min=0), k).float(), probs)
+    total = Normal(qz_mean, qz_var.sqrt()).log_prob(z).sum(1)
+    for y in range(k):
+        codes = torch.full((n,), y)
+        m2, log_v2 = prior.z2_head(prior.z2_encoder(z, codes)).chunk(2, -1)
+        q_z2 = Normal(m2, (log_v2.exp() + 1e-4).sqrt())
+        z2 = m2 + q_z2.scale * eps[y * n:(y + 1) * n]
+        p_mean, p_log_var = prior.z_head(prior.z_decoder(z2, codes)).chunk(2, -1)
+        log_p = Normal(p_mean, (p_log_var.exp() + 1e-4).sqrt()).log_prob(z).sum(1)
+        kl_z2 = kl_divergence(q_z2, Normal(torch.zeros_like(m2), torch.ones_like(m2))).sum(1)
+        total = total + weights[:, y] * (kl_z2 - log_p)
+    return total + (weights * torch.log(weights.clamp(min=1e-12) * k)).sum(1)
+
+
+def test_label_prior_term_matches_a_direct_computation():
+    model = make_model(label_prior="m2").eval()
+    batch = make_batch()
+    out = run(model, batch)
+    inf = out.inference
+    probs = torch.softmax(model.label_classifier(inf.z), -1)
+    torch.manual_seed(11)
+    got = model.label_prior.kl_z(inf.z, inf.qz_mean, inf.qz_var, probs, batch.label)
+    torch.manual_seed(11)
+    eps = torch.randn(K * 24, 4)  # the one draw kl_z makes: z2 for every (label, cell)
+    expected = _direct_label_prior_kl(model.label_prior, inf.z, inf.qz_mean, inf.qz_var, probs, batch.label, eps)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    # A labelled cell's term does not depend on the classifier; an unlabelled cell's does.
+    flat = torch.full_like(probs, 1.0 / K)
+    torch.manual_seed(11)
+    other = model.label_prior.kl_z(inf.z, inf.qz_mean, inf.qz_var, flat, batch.label)
+    known = batch.label >= 0
+    torch.testing.assert_close(other[known], got[known])
+    assert not torch.allclose(other[~known], got[~known])
+
+
+def test_label_prior_replaces_the_z_kl_in_the_elbo_and_trains_the_classifier_on_unlabelled_cells():
+    model = make_model(label_prior="m2").train()
+    batch = make_batch(labelled=False)
+    out = run(model, batch)
+    prior, model.label_prior = model.label_prior, None
+    plain = run(model, batch)  # same seed: the same draws up to the prior's own
+    model.label_prior = prior
+    # neg_elbo is ~1e3 per cell: its float32 difference carries ~1e-4 of rounding.
+    torch.testing.assert_close(out.neg_elbo - plain.neg_elbo, out.kl_z - plain.kl_z, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(out.loss - plain.loss, 0.5 * (out.kl_z - plain.kl_z).mean())  # kl_weight 0.5
+    assert torch.isfinite(out.neg_elbo).all()
+    out.loss.backward()  # without a single label, the ELBO alone now reaches the classifier
+    assert model.label_classifier.head.weight.grad.abs().sum() > 0
+    assert model.label_prior.z2_head.weight.grad.abs().sum() > 0
+
+
+def test_label_prior_config_checks():
+    with pytest.raises(ConfigError, match="label_prior"):
+        ModelConfig(label_prior="gmm", label_classifier=True)
+    with pytest.raises(ConfigError, match="needs model.label_classifier"):
+        ModelConfig(label_prior="m2")
+    assert make_model().label_prior is None

@@ -138,3 +138,22 @@ def test_resume_of_a_totalanvi_run_is_exact(small_store, tmp_path):
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), f"{name} differs after resume"
     assert any(k.startswith("label_classifier.") for k in full.model.state_dict())
+
+
+def test_m2_label_prior_trains_from_the_cli_and_predicts_held_out_labels(small_store, tmp_path):
+    args = build_parser().parse_args(["train", str(small_store), "--out", str(tmp_path / "run"), "--totalanvi",
+                                      "--labels-key", "cell_type", "--batch-key", "batch", "--label-prior", "m2"])
+    assert config_from_args(args).model.label_prior == "m2"
+    config = _config(small_store, max_epochs=10, checkpoint_every_steps=1000)
+    config = RunConfig(data=config.data, model=ModelConfig(n_latent=4, n_hidden=32, label_classifier=True,
+                                                           label_prior="m2"), train=config.train)
+    summary = Trainer(config, tmp_path / "run").fit()
+    assert np.isfinite(summary.validation["neg_elbo"])
+    assert summary.validation["n_labelled"] > 0 and summary.validation["label_accuracy"] > 0.8
+    store = tmp_path / "query.zarr"
+    shutil.copytree(small_store, store)
+    predict_labels(tmp_path / "run", store, progress=False, batch_size=256)
+    adata = ad.read_zarr(store)
+    held_out = adata.obs["cell_type"].astype(str).to_numpy() == "unlabeled"
+    truth = adata.obs["true_cell_type"].astype(str).to_numpy()
+    assert (adata.obs["streamtotal_label"].astype(str).to_numpy()[held_out] == truth[held_out]).mean() > 0.8

@@ -269,3 +269,23 @@ def test_query_with_too_few_reference_genes_is_refused(stores, reference_run, tm
     _, _, query = stores  # shares 35 of the reference's 40 genes
     with pytest.raises(AlignmentError, match="query"):
         build_query_trainer(reference_run, [query], tmp_path / "q", epochs=1, min_gene_overlap=0.95, verbose=False)
+
+
+def test_query_onto_an_m2_totalanvi_reference_keeps_the_label_prior_frozen(stores, tmp_path):
+    base, ref, query = stores
+    config = RunConfig(
+        data=DataConfig(stores=(str(ref),), batch_key="batch", labels_key="cell_type"),
+        model=ModelConfig(n_latent=4, n_hidden=16, label_classifier=True, label_prior="m2"),
+        train=TrainConfig(max_epochs=2, batch_size=64, chunk_size=16, io_chunks=4, checkpoint_every_steps=1000,
+                          seed=5, progress=False),
+    )
+    Trainer(config, tmp_path / "ref").fit()
+    with pytest.warns(UserWarning, match=EXTRA_PROTEIN):
+        trainer, _ = build_query_trainer(tmp_path / "ref", [query], tmp_path / "q", epochs=1,
+                                         train={"checkpoint_every_steps": 1000}, verbose=False)
+    prior = {n: v.clone() for n, v in trainer.model.state_dict().items() if n.startswith("label_prior.")}
+    assert any(n.endswith("running_mean") for n in prior)  # batch-norm statistics are part of what must not move
+    trainer.fit()
+    for name, value in prior.items():
+        assert torch.equal(value, trainer.model.state_dict()[name]), f"frozen {name} moved"
+    assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if n.startswith("label_prior."))
