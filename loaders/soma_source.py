@@ -195,9 +195,11 @@ class SomaSource(PicklesByInitArgs):
         if self._pid != os.getpid():
             # A forked child must not use the parent's TileDB context: its thread pools did not survive
             # the fork, and a read through it waits forever.
-            # The parent's context is kept alive, never destroyed here: its destructor would join thread pools
-            # that do not exist in this process (an abort).
-            _INHERITED_ACROSS_FORK.append(self._context)
+            # The parent's context and handles are kept alive, never destroyed here: their destructors would
+            # use thread pools that do not exist in this process (an abort).
+            _INHERITED_ACROSS_FORK.append(
+                (self._context, getattr(self, "_exp", None), getattr(self, "_rna_ms", None),
+                 getattr(self, "_prot_ms", None), getattr(self, "_rna_x", None), getattr(self, "_prot_x", None)))
             self._context = read_context(self._init_args["context"])
             self._open()
 
