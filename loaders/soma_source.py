@@ -70,17 +70,14 @@ the memory it would return is taken again by the next read."""
 
 
 _INHERITED_ACROSS_FORK: list = []
-"""TileDB contexts a forked child inherited from its parent (see ``SomaSource._ensure_open``)."""
+"""TileDB contexts and array handles a forked child inherited from its parent, kept so they are never destroyed in
+the child (see ``SomaSource._ensure_open``); a child holds one entry per Source it re-opened."""
 
 
 def read_context(context) -> tiledbsoma.SOMATileDBContext:
     """The context reads use: ``context`` (None, a TileDB config dict or a context) over ``READ_CONFIG_DEFAULTS``."""
-    if isinstance(context, tiledbsoma.SOMATileDBContext):
-        config = dict(context.tiledb_config)
-    elif context is None or isinstance(context, dict):
-        config = dict(context or {})
-    else:
-        raise TypeError(f"context must be None, a dict of TileDB config keys or a SOMATileDBContext, got {type(context)}")
+    given = soma_context(context)  # validates the type
+    config = dict(given.tiledb_config) if given is not None else {}
     return tiledbsoma.SOMATileDBContext(tiledb_config={**READ_CONFIG_DEFAULTS, **config})
 
 
