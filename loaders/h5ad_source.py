@@ -25,6 +25,7 @@ from loaders.h5_matrix_reader import H5MatrixReader
 from loaders.ids import check_ids
 from loaders.row_runs import coalesce_runs
 from loaders.protein_panels import checked_panel_codes
+from loaders.reopen_lock import reopen_lock
 from loaders.source import PicklesByInitArgs, SourceRows
 from loaders.store_layout import PROTEIN_OBSM_KEY
 from loaders.zarr_source import study_name_from_path
@@ -104,8 +105,11 @@ class H5adSource(PicklesByInitArgs):
         self._pid = os.getpid()
 
     def _ensure_open(self) -> None:
-        if self._pid != os.getpid():
-            self._open()
+        if self._pid == os.getpid():
+            return
+        with reopen_lock():  # reader threads of a worker may all find the handle stale at once
+            if self._pid != os.getpid():
+                self._open()
 
     def __repr__(self) -> str:
         return (

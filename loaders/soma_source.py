@@ -38,6 +38,7 @@ from loaders.soma_layout import (
     SomaMetadata,
 )
 from loaders.protein_panels import checked_panel_codes
+from loaders.reopen_lock import reopen_lock
 from loaders.source import PicklesByInitArgs, SourceRows
 from loaders.store_layout import PANEL_OBS_COLUMN
 
@@ -189,11 +190,15 @@ class SomaSource(PicklesByInitArgs):
         return array
 
     def _ensure_open(self) -> None:
-        if self._pid != os.getpid():
+        if self._pid == os.getpid():
+            return
+        with reopen_lock():  # reader threads of a worker may all find the handles stale at once
+            if self._pid == os.getpid():
+                return
             # A forked child must not use the parent's TileDB context: its thread pools did not survive
-            # the fork, and a read through it waits forever.
-            # The parent's context and handles are kept alive, never destroyed here: their destructors would
-            # use thread pools that do not exist in this process (an abort).
+            # the fork, and a read through it waits forever. The parent's context and handles are kept
+            # alive, never destroyed here: their destructors would use thread pools that do not exist in
+            # this process (an abort).
             _INHERITED_ACROSS_FORK.append(
                 (self._context, getattr(self, "_exp", None), getattr(self, "_rna_ms", None),
                  getattr(self, "_prot_ms", None), getattr(self, "_rna_x", None), getattr(self, "_prot_x", None)))

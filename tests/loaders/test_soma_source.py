@@ -216,3 +216,18 @@ def test_open_soma_sources_splits_by_study(study):
     _, tmp = study
     sources = open_soma_sources(tmp / "pbmc.soma", "batch")
     assert [(s.name, s.n_obs) for s in sources] == [("b1", 48), ("b2", 49)]
+
+
+def test_concurrent_reads_after_close_are_correct(study, cite):
+    from concurrent.futures import ThreadPoolExecutor
+
+    d, tmp = study
+    src = SomaSource(tmp / "pbmc.soma")
+    src.close()  # every reader thread now finds the handles stale, as in a freshly forked worker
+    rng = np.random.default_rng(4)
+    reads = [cite.sorted_ids_with_runs(rng, src.n_obs) for _ in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(src.read, reads))
+    for ids, rows in zip(reads, results):
+        assert np.array_equal(rows.rna.toarray(), d.rna[ids].toarray())
+        assert np.array_equal(rows.protein, d.protein[ids])
