@@ -32,7 +32,9 @@ def prefetch(fn: Callable[[I], T], items: Iterable[I], ahead: int, threads: int 
         ahead: results computed ahead of the consumer (>= 0).
         threads: background threads computing results concurrently (at most ``ahead`` run at once; results are
             still yielded in item order). More than one pays when ``fn`` spends its time outside the GIL with
-            cores to spare (a TileDB query, object-store latency).
+            cores to spare (a TileDB query, object-store latency). With more than one, ``items`` is advanced on
+            the consumer's thread, so it should be cheap to iterate (e.g. indices); with one, the background
+            thread advances it (so a generator's own work happens there too).
 
     Returns:
         An iterator of results in item order.

@@ -242,7 +242,7 @@ class SomaSource(PicklesByInitArgs):
         kept_column = np.full(n_full, -1, dtype=np.int64)
         kept_column[keep] = np.arange(keep.size)
         # joinid -> kept column; -1 for genes this study did not measure (an entry there is an inconsistency).
-        self._gene_lookup = np.where(lookup >= 0, kept_column[np.maximum(lookup, 0)], -1)
+        self._gene_lookup = np.where(lookup >= 0, kept_column[np.maximum(lookup, 0)], -1).astype(np.int32)
         self.gene_names = self.gene_names[keep]
 
     def _matching_joinids(self) -> np.ndarray:
@@ -260,7 +260,8 @@ class SomaSource(PicklesByInitArgs):
         return joinids
 
     def _var_names(self, ms, ms_name: str) -> tuple[np.ndarray, np.ndarray | None]:
-        """Returns names in var soma_joinid order and a joinid -> column lookup (None: identity)."""
+        """Returns names in var soma_joinid order and an int32 joinid -> column lookup (None: identity); int32 so
+        that a read's column indices come out of one ``take`` in the dtype CSR uses."""
         column = self._init_args["var_column"]
         schema_names = ms.var.schema.names
         if column not in schema_names:
@@ -277,7 +278,7 @@ class SomaSource(PicklesByInitArgs):
             raise StoreFormatError(f"{self._where}: measurement {ms_name!r} var column {column!r} repeats names.")
         if joinids.size == 0 or (joinids[0] == 0 and joinids[-1] == joinids.size - 1):
             return names, None
-        lookup = np.full(int(joinids[-1]) + 1, -1, dtype=np.int64)
+        lookup = np.full(int(joinids[-1]) + 1, -1, dtype=np.int32)
         lookup[joinids] = np.arange(joinids.size)
         return names, lookup
 
@@ -421,20 +422,12 @@ class SomaSource(PicklesByInitArgs):
             cols = dim1.astype(np.int32)
         else:
             try:
-                cols = self._lookup32(lookup).take(dim1)
+                cols = lookup.take(dim1)
             except IndexError:
                 self._raise_stray(what)
             if int(cols.min()) < 0:
                 self._raise_stray(what)
         return run_rows, run_lengths, cols, data
-
-    def _lookup32(self, lookup: np.ndarray) -> np.ndarray:
-        """The var lookup as int32 (columns fit), cached per lookup array."""
-        cached = getattr(self, "_lookup32_cache", None)
-        if cached is None or cached[0] is not lookup:
-            cached = (lookup, lookup.astype(np.int32))
-            self._lookup32_cache = cached
-        return cached[1]
 
     def _raise_stray(self, what: str) -> None:
         raise StoreFormatError(

@@ -83,10 +83,10 @@ class ModelConfig:
     label_classifier_dropout: float | None = None
     """totalANVI: dropout of the classifier's hidden layers; None = ``dropout_rate_encoder`` (as scvi-tools)."""
     label_prior: str = "none"
-    """totalANVI: the prior of z. "none": N(0, I), as totalVI. "m2": scANVI's label-conditional prior (z given a second
-    latent z2 and the label; the M1+M2 model of scvi-tools' TOTALANVI, label_prior.py): cells of a type are drawn together in z, and
-    unlabelled cells train the classifier through the ELBO. Costs
-    small networks run once per label for every cell (~25% more training time with 7 labels)."""
+    """totalANVI: the prior of z. "none": N(0, I), as totalVI. "m2": scANVI's label-conditional prior (z given a
+    second latent z2 and the label; the M1+M2 model of scvi-tools' TOTALANVI, label_prior.py): cells of a type are
+    drawn together in z, and unlabelled cells train the classifier through the ELBO. Costs small networks run once
+    per label for every cell (~25% more training time with 7 labels)."""
 
     def __post_init__(self) -> None:
         for name in ("n_latent", "n_hidden", "n_layers_encoder", "n_layers_decoder", "adversarial_n_hidden",

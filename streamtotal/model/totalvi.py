@@ -45,6 +45,9 @@ from streamtotal.model.rna_likelihood import nb_log_likelihood_from_logits
 
 VAR_EPS = 1e-4
 """Added to posterior variances of z and log l (as scvi-tools) so they never reach 0."""
+LABEL_MODULES = ("label_classifier.", "label_prior.")
+"""Name prefixes of totalANVI's label networks. They are not batch-specific (their covariate, if any, is the
+label), so query surgery keeps them frozen, and a run started ``--from`` a totalVI run initialises them afresh."""
 MAX_LOG_LIBRARY = 15.0
 """Sampled log library sizes are clamped here (as scvi-tools): exp(15) = 3.3M counts."""
 

@@ -17,7 +17,7 @@ from loaders.registry import Registry
 from streamtotal.errors import ConfigError
 from streamtotal.model.config import ModelConfig
 from streamtotal.model.layers import CovariateLinear
-from streamtotal.model.totalvi import TotalVI
+from streamtotal.model.totalvi import LABEL_MODULES, TotalVI
 from streamtotal.training.run_dir import TrainedModel
 
 _PER_BATCH = ("rna_log_theta", "protein_log_theta", "background_prior_mean", "background_prior_log_scale",
@@ -26,9 +26,9 @@ _PER_BATCH = ("rna_log_theta", "protein_log_theta", "background_prior_mean", "ba
 
 def batch_indexed(model: TotalVI) -> set[str]:
     """Names of the parameters and buffers whose dim 0 is the batch (covariate weights and per-batch tensors)."""
-    # The label prior's covariate is the label, not the batch (label_prior.py).
+    # A label network's covariate is the label, not the batch.
     names = {f"{m}.cov_weight" for m, mod in model.named_modules()
-             if isinstance(mod, CovariateLinear) and mod.cov_weight is not None and not m.startswith("label_prior.")}
+             if isinstance(mod, CovariateLinear) and mod.cov_weight is not None and not m.startswith(LABEL_MODULES)}
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     names |= {n for n in _PER_BATCH if n in tensors and tensors[n].dim() >= 1 and tensors[n].shape[0] == model.n_batch
               and (n not in ("rna_log_theta", "protein_log_theta") or tensors[n].dim() == 2)}

@@ -23,6 +23,7 @@ from torch import nn
 
 from streamtotal.errors import ConfigError
 from streamtotal.model.layers import Dropout
+from streamtotal.model.totalvi import LABEL_MODULES
 
 UNFROZEN_CHOICES = ("covariates", "covariates+batchnorm", "all")
 
@@ -129,7 +130,6 @@ def freeze(model: nn.Module, batch_rows: set[str], n_reference_batches: int, con
     """
     result = Freezing()
     modules = dict(model.named_modules())
-    label_head = ("label_classifier.", "label_prior.")  # label networks: never batch-specific, always frozen
     unfreeze_bn = config.unfrozen in ("covariates+batchnorm", "all")
     for name, param in model.named_parameters():
         result._params[name] = param
@@ -141,12 +141,12 @@ def freeze(model: nn.Module, batch_rows: set[str], n_reference_batches: int, con
             param.register_hook(_row_hook(result, param, n_reference_batches))
             continue
         else:
-            wholly = unfreeze_bn and _is_norm_param(name, modules) and not name.startswith(label_head)
+            wholly = unfreeze_bn and _is_norm_param(name, modules) and not name.startswith(LABEL_MODULES)
         param.requires_grad_(wholly)
         (result.trainable if wholly else result.frozen).append(name)
     for name, module in modules.items():
         if isinstance(module, nn.BatchNorm1d):
-            keep_training = config.unfrozen == "all" or (unfreeze_bn and not name.startswith(label_head))
+            keep_training = config.unfrozen == "all" or (unfreeze_bn and not name.startswith(LABEL_MODULES))
             if not keep_training:
                 module.__class__ = FrozenBatchNorm1d  # same state dict; mode pinned to eval
                 module.eval()

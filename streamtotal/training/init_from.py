@@ -15,7 +15,7 @@ from pathlib import Path
 from loaders.registry import Registry
 from streamtotal.errors import ConfigError
 from streamtotal.model.config import ModelConfig
-from streamtotal.model.totalvi import TotalVI
+from streamtotal.model.totalvi import LABEL_MODULES, TotalVI
 
 LABEL_FIELDS = ("label_classifier", "classification_ratio", "label_classifier_n_hidden", "label_classifier_n_layers",
                 "label_classifier_dropout", "label_prior")
@@ -57,9 +57,8 @@ def initialise_from(model: TotalVI, registry: Registry, source: str | Path) -> N
 
     trained = load_trained(source)
     check_init_compatible(trained.config.model, trained.registry, model.config, registry, source)
-    label_parts = ("label_classifier.", "label_prior.")  # totalANVI's own networks start fresh
-    state = {k: v for k, v in trained.model.state_dict().items() if not k.startswith(label_parts)}
+    state = {k: v for k, v in trained.model.state_dict().items() if not k.startswith(LABEL_MODULES)}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    stray = [k for k in missing if not k.startswith(label_parts)]
+    stray = [k for k in missing if not k.startswith(LABEL_MODULES)]
     if stray or unexpected:  # cannot happen with equal configs; guard against a silent partial copy
         raise ConfigError(f"--from {source}: weights do not match (missing {stray}, unexpected {unexpected})")

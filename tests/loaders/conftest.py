@@ -8,6 +8,7 @@ suite runs with ``--import-mode=importlib``, where test files cannot import thei
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -125,10 +126,24 @@ def sorted_ids_with_runs(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.array(sorted(ids), dtype=np.int64)
 
 
+def assert_concurrent_reads_after_close(src, rna, protein, seed: int = 4) -> None:
+    """Closes ``src``, reads 8 id sets on 4 threads at once, and checks every read against ``rna`` / ``protein``:
+    every reader thread finds the handles stale, as in a freshly forked DataLoader worker."""
+    src.close()
+    rng = np.random.default_rng(seed)
+    reads = [sorted_ids_with_runs(rng, src.n_obs) for _ in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(src.read, reads))
+    for ids, rows in zip(reads, results):
+        assert np.array_equal(rows.rna.toarray(), rna[ids].toarray())
+        assert np.array_equal(rows.protein, protein[ids])
+
+
 @pytest.fixture
 def cite():
     """Builders of small CITE-seq inputs: ``cite.make_cite()``, ``cite.write_h5ad(path, d)``, ..."""
     return SimpleNamespace(
         CiteData=CiteData, make_cite=make_cite, to_anndata=to_anndata, write_h5ad=write_h5ad,
         to_mudata=to_mudata, write_tenx_h5=write_tenx_h5, sorted_ids_with_runs=sorted_ids_with_runs,
+        assert_concurrent_reads_after_close=assert_concurrent_reads_after_close,
     )

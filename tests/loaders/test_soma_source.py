@@ -219,15 +219,5 @@ def test_open_soma_sources_splits_by_study(study):
 
 
 def test_concurrent_reads_after_close_are_correct(study, cite):
-    from concurrent.futures import ThreadPoolExecutor
-
     d, tmp = study
-    src = SomaSource(tmp / "pbmc.soma")
-    src.close()  # every reader thread now finds the handles stale, as in a freshly forked worker
-    rng = np.random.default_rng(4)
-    reads = [cite.sorted_ids_with_runs(rng, src.n_obs) for _ in range(8)]
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(src.read, reads))
-    for ids, rows in zip(reads, results):
-        assert np.array_equal(rows.rna.toarray(), d.rna[ids].toarray())
-        assert np.array_equal(rows.protein, d.protein[ids])
+    cite.assert_concurrent_reads_after_close(SomaSource(tmp / "pbmc.soma"), d.rna, d.protein)
