@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,8 +80,10 @@ def run_streamtotal(args: argparse.Namespace, work: Path) -> dict:
                        train=TrainConfig(max_epochs=args.epochs, batch_size=256, seed=args.seed, progress=False,
                                          checkpoint_every_steps=10**9, num_workers=args.num_workers,
                                          precision=args.precision))
+    run_dir = work / f"run_{args.precision}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a kept --workdir holds the previous run's checkpoints
     t0 = time.perf_counter()
-    trainer = Trainer(config, work / f"run_{args.precision}")
+    trainer = Trainer(config, run_dir)
     t1 = time.perf_counter()
     summary = trainer.fit()
     t2 = time.perf_counter()

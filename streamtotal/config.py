@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,20 +40,31 @@ class DataConfig:
     """TileDB-SOMA stores: obs filter selecting the cells to use, e.g. ``"tissue == 'blood'"``; None = all."""
 
 
+def default_batch_and_lr(model: ModelConfig) -> tuple[int, float]:
+    """The reference implementation's minibatch size and Adam learning rate for a model: scvi-tools TOTALVI's
+    256 and 4e-3, or, for totalANVI (a label classifier), its semi-supervised training's 128 and 1e-3 (what
+    TOTALANVI trains with; on PBMC label transfer they are what make the classifier match TOTALANVI)."""
+    return (128, 1e-3) if model.label_classifier else (256, 4e-3)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train. Defaults follow scvi-tools TOTALVI so that results are comparable."""
 
     max_epochs: int | None = None
     """Epochs to train; None = scvi-tools' rule: min(400, round(400 * 20000 / n_cells)), at least 1."""
-    batch_size: int = 256
-    """Cells per minibatch per process; under DDP the global batch is ``batch_size`` x processes."""
-    lr: float = 4e-3
-    """Adam learning rate at the reference global batch of 256 cells (see ``lr_scaling``)."""
+    batch_size: int | None = None
+    """Cells per minibatch per process; under DDP the global batch is ``batch_size`` x processes. None = the
+    reference implementation's default for the model: 256 for totalVI (scvi-tools TOTALVI), 128 for totalANVI
+    (scvi-tools' semi-supervised training, which TOTALANVI uses)."""
+    lr: float | None = None
+    """Adam learning rate at the model's default global batch (see ``lr_scaling``). None = the reference
+    implementation's default: 4e-3 for totalVI, 1e-3 for totalANVI."""
     lr_scaling: Literal["none", "sqrt", "linear"] = "none"
-    """How the learning rate follows the global batch (``batch_size`` x processes) when it differs from 256:
-    "none" keeps ``lr``; "sqrt" multiplies it by sqrt(global / 256) (the usual rule for Adam); "linear" by
-    global / 256. The effective rate is logged as ``lr`` in metrics.jsonl."""
+    """How the learning rate follows the global batch (``batch_size`` x processes) when it differs from the
+    model's default batch (256 totalVI, 128 totalANVI): "none" keeps ``lr``; "sqrt" multiplies it by
+    sqrt(global / default) (the usual rule for Adam); "linear" by global / default. The effective rate is
+    logged as ``lr`` in metrics.jsonl."""
     eps: float = 0.01
     """Adam epsilon (scvi-tools TOTALVI uses 0.01)."""
     weight_decay: float = 1e-6
@@ -117,13 +128,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_epochs is not None and self.max_epochs < 1:
             raise ConfigError(f"train.max_epochs must be >= 1, got {self.max_epochs}")
-        if self.batch_size < 2:
+        if self.batch_size is not None and self.batch_size < 2:
             raise ConfigError(f"train.batch_size must be >= 2 (batch norm needs two cells), got {self.batch_size}")
         if not 0.0 <= self.kl_warmup_fraction <= 1.0:
             raise ConfigError(f"train.kl_warmup_fraction must be in [0, 1], got {self.kl_warmup_fraction}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"train.validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        for name in ("lr", "eps", "chunk_size", "io_chunks", "checkpoint_every_steps", "log_every_steps",
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for name in ("eps", "chunk_size", "io_chunks", "checkpoint_every_steps", "log_every_steps",
                      "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
@@ -136,10 +149,17 @@ class TrainConfig:
             raise ConfigError("train.num_workers, prefetch_batches, threads, early_stopping_patience and "
                               "validation_cache_mb must be >= 0")
 
-    def effective_lr(self, world_size: int) -> float:
-        """The learning rate for a job of ``world_size`` processes, per ``lr_scaling``."""
-        ratio = self.batch_size * world_size / 256
-        return self.lr * {"none": 1.0, "sqrt": ratio**0.5, "linear": ratio}[self.lr_scaling]
+    def resolved_for(self, model: "ModelConfig") -> "TrainConfig":
+        """A copy with ``batch_size`` and ``lr`` filled in from the model's defaults where they are None."""
+        batch_size, lr = default_batch_and_lr(model)
+        return replace(self, batch_size=self.batch_size if self.batch_size is not None else batch_size,
+                       lr=self.lr if self.lr is not None else lr)
+
+    def effective_lr(self, world_size: int, model: "ModelConfig") -> float:
+        """The learning rate for a job of ``world_size`` processes of this model, per ``lr_scaling``."""
+        tc = self.resolved_for(model)
+        ratio = tc.batch_size * world_size / default_batch_and_lr(model)[0]
+        return tc.lr * {"none": 1.0, "sqrt": ratio**0.5, "linear": ratio}[self.lr_scaling]
 
     def epochs_for(self, n_cells: int) -> int:
         """The number of epochs to train on ``n_cells`` training cells."""

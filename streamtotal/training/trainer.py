@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +108,15 @@ class Trainer:
                     "or choose another --out"
                 )
             checkpoint = load_checkpoint(latest_checkpoint(self.run_dir.path))
+        # Unset batch size and learning rate follow the model (TrainConfig.resolved_for); a resumed run keeps the
+        # checkpoint's, so that a run started before a change of those defaults resumes as it was trained.
+        if checkpoint is not None:
+            saved = RunConfig.from_dict(checkpoint["config"], where="checkpoint config").train
+            config = replace(config, train=replace(
+                config.train, batch_size=config.train.batch_size or saved.batch_size, lr=config.train.lr or saved.lr))
+        self.config = config = replace(config, train=config.train.resolved_for(config.model))
+        tc = config.train
+        if checkpoint is not None:
             self._check_compatible(checkpoint)
 
         # Checkpoints written before validation blocks existed (no key) held out single cells: keep their split.
@@ -157,7 +166,7 @@ class Trainer:
         # foreach: torch's CPU default is a per-tensor loop, 8 ms a step against 2 ms here. Not the fused kernel:
         # a run resumed with it drifted from the uninterrupted run in the last bits, and exact resume comes first.
         params = surgery.param_groups(tc.weight_decay) if surgery is not None else self.model.vae_parameters()
-        self.optimizer = torch.optim.Adam(params, lr=tc.effective_lr(self.dist.world_size),
+        self.optimizer = torch.optim.Adam(params, lr=tc.effective_lr(self.dist.world_size, config.model),
                                           eps=tc.eps, weight_decay=tc.weight_decay, foreach=True)
         self.adv_optimizer = None
         if config.model.adversarial_classifier:

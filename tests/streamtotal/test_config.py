@@ -2,6 +2,7 @@ import pytest
 
 from streamtotal.config import DataConfig, RunConfig, TrainConfig
 from streamtotal.errors import ConfigError
+from streamtotal.model.config import ModelConfig
 
 
 def test_toml_round_trip(tmp_path):
@@ -40,8 +41,22 @@ def test_epoch_rule_follows_scvi_tools():
 
 
 def test_learning_rate_follows_the_documented_global_batch_rule():
-    assert TrainConfig(lr=4e-3).effective_lr(world_size=8) == 4e-3
-    assert TrainConfig(lr=4e-3, lr_scaling="sqrt", batch_size=256).effective_lr(world_size=4) == pytest.approx(8e-3)
-    assert TrainConfig(lr=4e-3, lr_scaling="linear", batch_size=512).effective_lr(world_size=2) == pytest.approx(16e-3)
+    totalvi, totalanvi = ModelConfig(), ModelConfig(label_classifier=True)
+    assert TrainConfig(lr=4e-3).effective_lr(8, totalvi) == 4e-3
+    assert TrainConfig(lr=4e-3, lr_scaling="sqrt", batch_size=256).effective_lr(4, totalvi) == pytest.approx(8e-3)
+    assert TrainConfig(lr=4e-3, lr_scaling="linear", batch_size=512).effective_lr(2, totalvi) == pytest.approx(16e-3)
+    # totalANVI's reference batch is its default 128 cells: 2 processes x 128 = twice that.
+    assert TrainConfig(lr_scaling="linear").effective_lr(2, totalanvi) == pytest.approx(2e-3)
+
+
+def test_unset_batch_size_and_lr_follow_the_model_like_the_reference_implementation():
+    assert TrainConfig().resolved_for(ModelConfig()) == TrainConfig(batch_size=256, lr=4e-3)
+    assert TrainConfig().resolved_for(ModelConfig(label_classifier=True)) == TrainConfig(batch_size=128, lr=1e-3)
+    # Set values win whatever the model.
+    assert TrainConfig(batch_size=64, lr=0.5).resolved_for(ModelConfig(label_classifier=True)) == TrainConfig(
+        batch_size=64, lr=0.5)
+    # A totalANVI flag given after a totalVI base config still gets totalANVI's defaults: nothing is resolved early.
+    cfg = RunConfig(data=DataConfig(labels_key="cell_type")).with_overrides({"model": {"label_classifier": True}})
+    assert cfg.train.resolved_for(cfg.model).lr == 1e-3
     with pytest.raises(ConfigError, match="lr_scaling"):
         RunConfig.from_dict({"train": {"lr_scaling": "cubic"}})

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(store, totalanvi=True, **train):
-    defaults = dict(max_epochs=2, batch_size=64, chunk_size=16, io_chunks=4, checkpoint_every_steps=3, seed=5,
+    defaults = dict(max_epochs=2, batch_size=64, lr=4e-3, chunk_size=16, io_chunks=4, checkpoint_every_steps=3, seed=5,
                     progress=False, log_every_steps=2)
     defaults.update(train)
     return RunConfig(data=DataConfig(stores=(str(store),), batch_key="batch", labels_key="cell_type"),
@@ -157,3 +157,16 @@ def test_m2_label_prior_trains_from_the_cli_and_predicts_held_out_labels(small_s
     held_out = adata.obs["cell_type"].astype(str).to_numpy() == "unlabeled"
     truth = adata.obs["true_cell_type"].astype(str).to_numpy()
     assert (adata.obs["streamtotal_label"].astype(str).to_numpy()[held_out] == truth[held_out]).mean() > 0.8
+
+
+def test_unset_batch_size_and_lr_take_totalanvi_defaults_and_a_resume_keeps_the_checkpoints(small_store, tmp_path):
+    fresh = Trainer(_config(small_store, batch_size=None, lr=None), tmp_path / "defaults")
+    assert (fresh.config.train.batch_size, fresh.config.train.lr) == (128, 1e-3)
+    assert fresh.optimizer.param_groups[0]["lr"] == 1e-3
+    saved = RunConfig.from_toml(tmp_path / "defaults" / "config.toml").train
+    assert (saved.batch_size, saved.lr) == (128, 1e-3)
+    # A run trained with other values (e.g. before these defaults) resumes with them when the flags are unset.
+    Trainer(_config(small_store), tmp_path / "old").fit(stop_after_steps=4)
+    resumed = Trainer(_config(small_store, batch_size=None, lr=None), tmp_path / "old", resume=True)
+    assert (resumed.config.train.batch_size, resumed.config.train.lr) == (64, 4e-3)
+    resumed.fit()
