@@ -149,7 +149,8 @@ class TotalVI(nn.Module):
                     f"protein_prior {name} must be [n_proteins={self.n_proteins}, n_batch={self.n_batch}] "
                     f"(or [n_proteins, 1]); got {list(value.shape)}"
                 )
-            out.append(value.t().expand(shape).clone())
+            # contiguous: a transposed clone keeps column-major strides, which optimisers and DDP buckets mishandle
+            out.append(value.t().expand(shape).contiguous())
         if not torch.isfinite(out[0]).all() or not (out[1] > 0).all():
             raise ModelInputError("protein_prior must have finite means and positive scales")
         return out[0], out[1]

@@ -68,6 +68,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _adam_kernel(params, device: torch.device) -> dict:
+    """Adam's implementation: the fused kernel (one pass over each tensor; on CPU ~1 ms a step against ~3 ms for
+    the foreach loop and 8 ms for torch's default per-tensor loop) where it applies, else foreach.
+
+    The fused kernel walks parameter, gradient and state as flat memory, so all must share one layout: the model's
+    parameters are contiguous (``_match_param_layout`` brings loaded state in line). A parameter that is not
+    (some user module) gets the foreach loop, which follows strides."""
+    flat = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    if device.type in ("cpu", "cuda") and all(p.is_contiguous() for p in flat):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Gives loaded optimizer state its parameter's memory layout. A checkpoint keeps each tensor's strides, and an
+    older run's state could be column-major where the parameter now is row-major: the fused Adam kernel would then
+    pair each element with another's moments (exact resume caught this as a drift)."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 class Trainer:
     """Trains a totalVI model on a collection of stores.
 
@@ -163,11 +186,9 @@ class Trainer:
         self.ddp_model = self.dist.wrap(self.model)
         # The training forward may run compiled; validation, checkpoints and inference use the plain module.
         self.step_model = compile_model(self.ddp_model, self.device) if tc.compile else self.ddp_model
-        # foreach: torch's CPU default is a per-tensor loop, 8 ms a step against 2 ms here. Not the fused kernel:
-        # a run resumed with it drifted from the uninterrupted run in the last bits, and exact resume comes first.
         params = surgery.param_groups(tc.weight_decay) if surgery is not None else self.model.vae_parameters()
         self.optimizer = torch.optim.Adam(params, lr=tc.effective_lr(self.dist.world_size, config.model),
-                                          eps=tc.eps, weight_decay=tc.weight_decay, foreach=True)
+                                          eps=tc.eps, weight_decay=tc.weight_decay, **_adam_kernel(params, self.device))
         self.adv_optimizer = None
         if config.model.adversarial_classifier:
             self.adv_optimizer = torch.optim.Adam(self.model.classifier_parameters(), lr=tc.adversarial_lr,
@@ -247,6 +268,7 @@ class Trainer:
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        _match_param_layout(self.optimizer)
         if self.adv_optimizer is not None and ckpt["adv_optimizer"] is not None:
             self.adv_optimizer.load_state_dict(ckpt["adv_optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])

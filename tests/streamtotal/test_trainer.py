@@ -79,3 +79,24 @@ def test_latent_library_adversary_fixed_prior_and_worker_processes(small_store, 
         assert torch.isfinite(value.float()).all(), name
     classifier = dict(trainer.model.named_parameters())
     assert any("classifier" in n for n in classifier), "the adversarial classifier was not built"
+
+
+def test_parameters_are_contiguous_so_adam_runs_fused(small_store, tmp_path):
+    trainer = Trainer(_config(small_store), tmp_path / "run")
+    # The empirical background prior arrives as [proteins, batches]: a transposed copy kept column-major strides.
+    assert all(p.is_contiguous() for p in trainer.model.parameters())
+    assert trainer.optimizer.defaults["fused"]
+
+
+def test_loaded_optimizer_state_takes_its_parameters_layout():
+    from streamtotal.training.trainer import _match_param_layout
+
+    param = torch.nn.Parameter(torch.randn(2, 8))
+    optimizer = torch.optim.Adam([param], fused=True)
+    column_major = torch.randn(8, 2).t()  # same shape, other strides: what an older checkpoint could hold
+    optimizer.state[param] = {"step": torch.tensor(3.0), "exp_avg": column_major.clone(),
+                              "exp_avg_sq": column_major.abs().clone()}
+    _match_param_layout(optimizer)
+    state = optimizer.state[param]
+    assert state["exp_avg"].stride() == param.stride() and torch.equal(state["exp_avg"], column_major)
+    assert torch.equal(state["exp_avg_sq"], column_major.abs())
