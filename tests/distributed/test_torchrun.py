@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from loaders.store_writer import ZarrStoreWriter
 from streamtotal.cli.simulate_cmd import write_simulation
+from streamtotal.config import DataConfig, RunConfig, TrainConfig
+from streamtotal.model.config import ModelConfig
 from streamtotal.simulate import CiteSimulator, SimulationConfig
+from streamtotal.surgery.expand import batch_indexed, reference_parts
+from streamtotal.training.run_dir import load_trained
+from streamtotal.training.trainer import Trainer
 
 HERE = Path(__file__).parent
 
@@ -76,3 +82,39 @@ def test_resuming_on_another_world_size_is_refused_clearly(store, tmp_path):
                            "--no-progress", "--threads", "1", "--resume"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "2 process(es) and this job has 1" in proc.stderr
+
+
+def _query_store(path):
+    """A simulated study whose two batches are new to the reference ("query_0", "query_1")."""
+    sim = CiteSimulator(SimulationConfig(n_cells=500, n_genes=40, n_proteins=6, n_batches=2, seed=4))
+    writer = ZarrStoreWriter(path, list(sim.gene_names), list(sim.protein_names), panel_key="batch",
+                             source_file="test")
+    for rna, protein, obs in sim.blocks():
+        obs = obs.copy()
+        obs["batch"] = obs["batch"].astype(str).str.replace("batch", "query").astype("category")
+        writer.append(rna.tocsr(), protein, obs)
+    writer.close()
+    return path
+
+
+def test_query_mapping_under_torchrun_trains_new_batches_with_the_reference_frozen(store, tmp_path):
+    reference = tmp_path / "ref"
+    Trainer(RunConfig(data=DataConfig(stores=(str(store),), batch_key="batch"),
+                      model=ModelConfig(n_latent=3, n_hidden=16),
+                      train=TrainConfig(max_epochs=1, batch_size=64, progress=False, threads=1)), reference).fit()
+    query, out = _query_store(tmp_path / "query.zarr"), tmp_path / "q"
+    proc = _torchrun(["-m", "streamtotal", "map", str(reference), str(query), "--out", str(out), "--epochs", "2",
+                      "--batch-size", "64", "--checkpoint-every", "3", "--new-batch-init", "zeros", "--no-progress",
+                      "--threads", "1"], cwd=tmp_path)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1 and lines[0]["new_batches"] == ["query_0", "query_1"]  # rank 0 alone reports
+    ckpt = torch.load(sorted(out.glob("ckpt-*.pt"))[-1], weights_only=False)
+    assert ckpt["world_size"] == 2
+    # 450 training cells over 2 ranks: ceil(225 / 64) = 4 steps per epoch on every rank
+    assert ckpt["step"] == 8
+    mapped, ref_state = load_trained(out).model, load_trained(reference).model.state_dict()
+    rows = batch_indexed(mapped)
+    for name, value in reference_parts(mapped, rows, 2).items():
+        assert torch.equal(value, ref_state[name]), f"frozen {name} moved under DDP"
+    for name in rows:  # the new batches' rows started at zero and trained
+        assert mapped.state_dict()[name][2:].abs().sum() > 0, f"new rows of {name} did not train"
