@@ -8,6 +8,11 @@ through ``external_indexing``) and report the per-cell negative ELBO at KL weigh
 Prints one JSON object. Usage:
 
     python benchmarks/train_throughput.py [--cells 20000 --genes 2000 --proteins 50 --epochs 3]
+
+On a GPU machine both train on the GPU (scvi-tools with ``accelerator="gpu"``, its default float32; streamtotal
+with its default precision, bf16 where the GPU has it), e.g. with larger data and batches:
+
+    python benchmarks/train_throughput.py --device cuda --precision auto --cells 200000 --batch-size 1024
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ def run_scvi(args: argparse.Namespace, work: Path) -> dict:
     scvi.model.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression", batch_key="batch")
     model = scvi.model.TOTALVI(adata, n_latent=20)
     t1 = time.perf_counter()
-    model.train(max_epochs=args.epochs, batch_size=256, accelerator="cpu", devices=1,
+    model.train(max_epochs=args.epochs, batch_size=args.batch_size,
+                accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,
                 external_indexing=[train_ids, val_ids, np.array([], dtype=np.int64)],
                 enable_progress_bar=False)
     t2 = time.perf_counter()
@@ -77,7 +83,8 @@ def run_streamtotal(args: argparse.Namespace, work: Path) -> dict:
     from streamtotal.training.validation import evaluate_elbo
 
     config = RunConfig(data=DataConfig(stores=(str(work / "data.zarr"),), batch_key="batch"),
-                       train=TrainConfig(max_epochs=args.epochs, batch_size=256, seed=args.seed, progress=False,
+                       train=TrainConfig(max_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                                         progress=False, device=args.device,
                                          checkpoint_every_steps=10**9, num_workers=args.num_workers,
                                          precision=args.precision))
     run_dir = work / f"run_{args.precision}"
@@ -106,6 +113,8 @@ def main() -> None:
     p.add_argument("--proteins", type=int, default=50)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256, help="cells per minibatch, both models (default 256)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where both models train")
     p.add_argument("--num-workers", type=int, default=0, help="streamtotal DataLoader workers")
     p.add_argument("--workdir", help="keep data here (default: a temp dir)")
     p.add_argument("--precision", default="fp32", help="streamtotal's train.precision (fp32, bf16, auto)")
@@ -131,7 +140,8 @@ def main() -> None:
         for name, only, precision in runs:
             cmd = [sys.executable, __file__, "--only", only, "--workdir", str(work), "--cells", str(args.cells),
                    "--genes", str(args.genes), "--proteins", str(args.proteins), "--epochs", str(args.epochs),
-                   "--seed", str(args.seed), "--num-workers", str(args.num_workers), "--precision", precision]
+                   "--seed", str(args.seed), "--num-workers", str(args.num_workers), "--precision", precision,
+                   "--batch-size", str(args.batch_size), "--device", args.device]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -142,7 +152,8 @@ def main() -> None:
         print(json.dumps({
             "benchmark": "train_throughput",
             "data": {"cells": args.cells, "genes": args.genes, "proteins": args.proteins, "epochs": args.epochs,
-                     "batch_size": 256, "validation_cells": int(len(np.load(work / "val_ids.npy")))},
+                     "batch_size": args.batch_size, "device": args.device,
+                     "validation_cells": int(len(np.load(work / "val_ids.npy")))},
             "cpu_count": os.cpu_count(),
             "scvi_tools": r,
             "streamtotal": s,
