@@ -68,6 +68,7 @@ class CountTerms:
         """
         if theta.dim() != 1 or x.dim() != 2:
             return None
+        x = x.contiguous()  # positions below are row-major flat offsets
         found = integer_counts(x)
         if found is None:
             return None

@@ -86,7 +86,7 @@ def sum_lgamma_counts(x: torch.Tensor) -> torch.Tensor:
     found = integer_counts(x)
     if found is not None and found[1] < _LGAMMA_TABLE_MAX:
         as_int, top = found
-        return _lgamma_table(top, x.dtype).index_select(0, as_int.view(-1)).view(x.shape).sum(1)
+        return _lgamma_table(top, x.dtype).index_select(0, as_int.reshape(-1)).view(x.shape).sum(1)
     return torch.lgamma(x + 1.0).sum(1)
 
 

@@ -37,3 +37,11 @@ def test_lookup_is_declined_where_it_does_not_apply():
     assert CountTerms.build(x + 0.5, theta) is None  # not counts
     assert CountTerms.build(-x - 1.0, theta) is None  # negative
     assert CountTerms.build(x, torch.ones(17, 23)) is None  # theta per cell
+
+
+def test_column_major_counts_give_the_same_terms():
+    x, theta = _counts(3, 400.0), torch.rand(23) + 0.5
+    column_major = x.t().contiguous().t()
+    a, b = CountTerms.build(x, theta), CountTerms.build(column_major, theta)
+    assert torch.equal(a.log_coefficient, b.log_coefficient)
+    assert torch.equal(a.digamma_difference(), b.digamma_difference())

@@ -150,3 +150,11 @@ def test_sum_lgamma_counts_table_and_fallback_agree_with_lgamma():
     for x in (counts, counts + 0.5, counts * 1000.0):  # table, non-integer fallback, beyond-the-table fallback
         torch.testing.assert_close(sum_lgamma_counts(x), torch.lgamma(x.double() + 1).sum(1).float(),
                                    rtol=1e-6, atol=1e-2)
+
+
+@pytest.mark.parametrize("theta_per_cell", [False, True])
+def test_fused_rna_likelihood_accepts_column_major_counts(theta_per_cell):
+    x, logits, log_library, log_theta = _fused_inputs(torch.float32, theta_per_cell, high=300)
+    column_major = x.t().contiguous().t()
+    torch.testing.assert_close(nb_log_likelihood_from_logits(column_major, logits, log_library, log_theta),
+                               nb_log_likelihood_from_logits(x, logits, log_library, log_theta), rtol=1e-6, atol=0)
