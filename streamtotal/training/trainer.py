@@ -91,6 +91,17 @@ def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
                 state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
+def _resolve_train_defaults(config: RunConfig, saved: RunConfig | None) -> RunConfig:
+    """``config`` with an unset batch size and learning rate filled in: from the checkpoint's config ``saved`` when
+    resuming (a run started before a change of those defaults resumes as it was trained), else from the model's
+    defaults (``TrainConfig.resolved_for``)."""
+    train = config.train
+    if saved is not None:
+        train = replace(train, batch_size=saved.train.batch_size if train.batch_size is None else train.batch_size,
+                        lr=saved.train.lr if train.lr is None else train.lr)
+    return replace(config, train=train.resolved_for(config.model))
+
+
 class Trainer:
     """Trains a totalVI model on a collection of stores.
 
@@ -109,7 +120,6 @@ class Trainer:
 
     def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False,
                  collection: Collection | None = None, surgery=None) -> None:
-        self.config = config
         tc = config.train
         self.device = resolve_device(tc.device)
         self.dist = DistContext.from_environment(self.device)
@@ -131,16 +141,11 @@ class Trainer:
                     "or choose another --out"
                 )
             checkpoint = load_checkpoint(latest_checkpoint(self.run_dir.path))
-        # Unset batch size and learning rate follow the model (TrainConfig.resolved_for); a resumed run keeps the
-        # checkpoint's, so that a run started before a change of those defaults resumes as it was trained.
-        if checkpoint is not None:
-            saved = RunConfig.from_dict(checkpoint["config"], where="checkpoint config").train
-            config = replace(config, train=replace(
-                config.train, batch_size=config.train.batch_size or saved.batch_size, lr=config.train.lr or saved.lr))
-        self.config = config = replace(config, train=config.train.resolved_for(config.model))
+        saved = RunConfig.from_dict(checkpoint["config"], where="checkpoint config") if checkpoint is not None else None
+        self.config = config = _resolve_train_defaults(config, saved)
         tc = config.train
         if checkpoint is not None:
-            self._check_compatible(checkpoint)
+            self._check_compatible(checkpoint, saved)
 
         # Checkpoints written before validation blocks existed (no key) held out single cells: keep their split.
         self.validation_block = (checkpoint.get("validation_block", 1) if checkpoint is not None
@@ -210,14 +215,13 @@ class Trainer:
             self.run_dir.write_config(config, self.registry)
 
     # ---------------------------------------------------------------- checkpoint state
-    def _check_compatible(self, ckpt: dict) -> None:
+    def _check_compatible(self, ckpt: dict, saved: RunConfig) -> None:
         if ckpt.get("world_size", 1) != self.dist.world_size:
             raise CheckpointError(
                 f"the checkpoint in {self.run_dir.path} was written by a job of {ckpt.get('world_size', 1)} "
                 f"process(es) and this job has {self.dist.world_size}: each rank's share of the data order depends "
                 "on the world size, so resume with the same number of processes (nodes x processes per node)"
             )
-        saved = RunConfig.from_dict(ckpt["config"], where="checkpoint config")
         if saved.model != self.config.model or saved.data != self.config.data:
             raise CheckpointError(
                 f"the checkpoint in {self.run_dir.path} was trained with another [model] or [data] config; "
