@@ -183,7 +183,8 @@ def _mean_scores(runs: list[dict]) -> dict:
     ok = [r for r in runs if "accuracy" in r]
     if not ok:
         return {"error": "no run finished"}
-    return {"accuracy": float(np.mean([r["accuracy"] for r in ok])), "macro_f1": float(np.mean([r["macro_f1"] for r in ok])),
+    return {"accuracy": float(np.mean([r["accuracy"] for r in ok])),
+            "macro_f1": float(np.mean([r["macro_f1"] for r in ok])),
             "accuracy_per_seed": [r["accuracy"] for r in ok], "n_seeds": len(ok)}
 
 

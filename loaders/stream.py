@@ -191,7 +191,8 @@ class Stream(torch.utils.data.IterableDataset):
                 order = order[rng.permutation(order.size)]
             return rows, order
 
-        batches = _cut(prefetch(read_group, groups, cfg.prefetch_batches, cfg.read_threads), slot.batch_sizes[start_batch:], skip)
+        groups_read = prefetch(read_group, groups, cfg.prefetch_batches, cfg.read_threads)
+        batches = _cut(groups_read, slot.batch_sizes[start_batch:], skip)
         if not (cfg.prefetch_batches and cfg.ready_batches):
             yield from batches
             return
