@@ -56,12 +56,17 @@ class ZarrMatrixReader:
             self._arrays = [_ArrayRanges(node["data"], direct), _ArrayRanges(node["indices"], direct)]
             mean_nnz = self.indptr[-1] / max(self.shape[0], 1)
             self.chunk_cells = max(1, int(node["data"].chunks[0] / max(mean_nnz, 1e-9)))
+            self.bytes_per_cell = mean_nnz * (node["data"].dtype.itemsize + node["indices"].dtype.itemsize)
         elif elem.kind == "dense":
             self._arrays = [_ArrayRanges(node, direct)]
             self.chunk_cells = int(node.chunks[0])
+            self.bytes_per_cell = float(node.dtype.itemsize * (node.shape[1] if len(node.shape) > 1 else 1))
         else:
             self._arrays = [_ArrayRanges(node[c], direct) for c in elem.columns]
             self.chunk_cells = int(node[elem.columns[0]].chunks[0]) if elem.columns else 1
+            self.bytes_per_cell = float(sum(node[c].dtype.itemsize for c in elem.columns))
+        self.chunk_bytes = self.chunk_cells * self.bytes_per_cell
+        """Decoded bytes of one chunk (of every underlying array together): a read holds whole chunks."""
 
     @property
     def direct(self) -> bool:

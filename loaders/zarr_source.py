@@ -47,9 +47,9 @@ async def _gather(coros: list) -> list:
     return await asyncio.gather(*coros)
 
 
-READ_BUDGET_CELLS = 16_384
-"""Cells' worth of chunks one read holds decoded at a time (~100 MB at 800 non-zeros a cell): the memory bound of
-a read, whatever the pattern of ids."""
+READ_BUDGET_BYTES = 128 << 20
+"""Decoded bytes one read holds at a time (its runs plus the whole chunks they touch): the memory bound of a read,
+whatever the pattern of ids."""
 
 
 class ZarrSource(PicklesByInitArgs):
@@ -171,9 +171,13 @@ class ZarrSource(PicklesByInitArgs):
         # Chunks are decoded whole, and every chunk a call touches is held until its rows are cut out: for
         # scattered ids (a random sample, validation cells) that is far more than the rows asked for (4,096 random
         # cells of a 1M-cell store decoded ~500k cells' worth, 3 GB). Runs are therefore read in groups whose
-        # decoded cells (each run plus up to a chunk at either end) stay within READ_BUDGET_CELLS.
-        cost = (stops - starts) + 2 * max(self._rna.chunk_cells, self._protein.chunk_cells)
-        group = np.cumsum(cost) // READ_BUDGET_CELLS
+        # decoded bytes (each run plus up to a chunk of every array at either end) stay within READ_BUDGET_BYTES.
+        # Counted in bytes, not cells: a protein chunk holds a few hundred cells but weighs as a few RNA cells, and
+        # counting it as cells split a 4,096-cell training read into three rounds (~30% slower).
+        rna, protein = self._rna, self._protein
+        cost = ((stops - starts) * (rna.bytes_per_cell + protein.bytes_per_cell)
+                + 2 * (rna.chunk_bytes + protein.chunk_bytes))
+        group = (np.cumsum(cost) // READ_BUDGET_BYTES).astype(np.int64)
         if group[-1] == 0:
             rna, protein = self._read_runs(ids, starts, stops)
         else:

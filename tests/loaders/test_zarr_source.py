@@ -211,7 +211,8 @@ def test_reads_of_scattered_ids_are_split_into_bounded_rounds_with_identical_res
     rounds = []
     real = ZarrSource._read_runs
     monkeypatch.setattr(ZarrSource, "_read_runs", lambda self, *a: rounds.append(len(a[0])) or real(self, *a))
-    monkeypatch.setattr(zarr_source, "READ_BUDGET_CELLS", 20)  # a few chunks of 4 cells per round
+    # a few chunks of 4 cells per round: the chunk bytes of both matrices, ~20 cells of RNA and protein
+    monkeypatch.setattr(zarr_source, "READ_BUDGET_BYTES", 20 * (src._rna.bytes_per_cell + src._protein.bytes_per_cell))
     _assert_reads(src, d, cite, seed=3)
     assert max(rounds) < 97 and len(rounds) > 8  # several bounded rounds, not one pass over everything
     ids = np.arange(0, 97, 7)
