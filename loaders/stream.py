@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch.utils.data
@@ -14,6 +16,7 @@ from loaders.collection import Collection
 from loaders.errors import ConfigError, InvalidIdsError
 from loaders.plan import EpochPlan, batches_per_slot, plan_epoch
 from loaders.prefetch import prefetch
+from loaders.thread_priority import lower_current_thread_priority
 
 _TAG_ROWS = 0x5EED_B0
 
@@ -90,7 +93,7 @@ class Stream(torch.utils.data.IterableDataset):
     Memory bound: each slot holds at most ``(prefetch_batches + 1) * io_chunks * chunk_size`` cells of aligned
     rows (RNA kept sparse until a minibatch is cut), plus ``ready_batches + 2`` dense minibatches; a rank runs
     ``max(1, num_workers)`` slots, and torch's DataLoader keeps ``prefetch_factor * num_workers`` dense
-    minibatches in flight on top.
+    minibatches in flight on top. With ``read_ahead_epoch`` set, one more I/O group (the next epoch's first).
 
     The epoch is set from outside (``set_epoch``), never counted inside workers, so every worker and rank agrees.
     """
@@ -124,6 +127,18 @@ class Stream(torch.utils.data.IterableDataset):
         self.n_batches_per_slot = batches_per_slot(arr.size, config.batch_size, world_size * config.slots_per_rank)
         self.epoch = 0
         self.start_batch = 0
+        self.read_ahead_epoch: int | None = None
+        self._early: dict[tuple[int, int, int], Future] = {}
+        self._early_pool: ThreadPoolExecutor | None = None
+        self._early_lock = threading.Lock()  # started on a reader thread, taken on the consumer's
+
+    def set_read_ahead(self, epoch: int | None) -> None:
+        """Reads the first I/O group of ``epoch`` as soon as the epoch being iterated has read its last group
+        (None: never), so the next epoch's first batch does not wait for a cold read (~0.1 s an epoch on 2
+        cores). Only without DataLoader worker processes (workers are forked anew each epoch, and a thread alive
+        at a fork could leave a lock held in the child). The group read early is exactly the one the epoch would
+        read, so the batches do not change; it is dropped if that epoch is not iterated from its start next."""
+        self.read_ahead_epoch = None if epoch is None else int(epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch whose order the next iteration follows (call on every rank, before iterating)."""
@@ -174,23 +189,22 @@ class Stream(torch.utils.data.IterableDataset):
         """
         cfg, epoch = self.config, self.epoch if epoch is None else int(epoch)
         slot = self.plan(epoch).slot(self.rank, worker)
+        early = self._take_early(epoch, worker)
         if start_batch >= slot.n_batches:
             return
         first_cell = slot.cells_before(start_batch)
         io = cfg.io_cells
         first_group, skip = divmod(first_cell, io)
-        groups = range(first_group, -(-slot.n_cells // io))
+        groups: Iterable[int] = range(first_group, -(-slot.n_cells // io))
 
         def read_group(g: int) -> tuple[AlignedRows, np.ndarray]:
-            gids = self.ids[slot.positions_slice(g * io, (g + 1) * io)]
-            unique, inverse = np.unique(gids, return_inverse=True)
-            rows = self.collection.read_aligned(unique)
-            order = inverse.reshape(-1)
-            if cfg.shuffle:
-                rng = np.random.default_rng([_TAG_ROWS, cfg.seed, epoch, self.rank, worker, g])
-                order = order[rng.permutation(order.size)]
-            return rows, order
+            if early is not None and g == 0:
+                return early.result()
+            return self._read_group(epoch, worker, g, slot)
 
+        following = self.read_ahead_epoch
+        if following is not None and following != epoch and cfg.prefetch_batches and self.config.num_workers == 0:
+            groups = _then(groups, lambda: self._start_early(following, worker))
         groups_read = prefetch(read_group, groups, cfg.prefetch_batches, cfg.read_threads)
         batches = _cut(groups_read, slot.batch_sizes[start_batch:], skip)
         if not (cfg.prefetch_batches and cfg.ready_batches):
@@ -205,6 +219,57 @@ class Stream(torch.utils.data.IterableDataset):
         finally:
             ready.close()
             batches.close()
+
+
+    def _read_group(self, epoch: int, worker: int, g: int, slot=None) -> tuple[AlignedRows, np.ndarray]:
+        """Reads I/O group ``g`` of plan worker ``worker`` in ``epoch``: its rows and the order to cut them in.
+        ``slot``: that worker's ``EpochPlan.slot`` when the caller has it (else computed)."""
+        cfg, io = self.config, self.config.io_cells
+        slot = self.plan(epoch).slot(self.rank, worker) if slot is None else slot
+        gids = self.ids[slot.positions_slice(g * io, (g + 1) * io)]
+        unique, inverse = np.unique(gids, return_inverse=True)
+        rows = self.collection.read_aligned(unique)
+        order = inverse.reshape(-1)
+        if cfg.shuffle:
+            rng = np.random.default_rng([_TAG_ROWS, cfg.seed, epoch, self.rank, worker, g])
+            order = order[rng.permutation(order.size)]
+        return rows, order
+
+    def _start_early(self, epoch: int, worker: int) -> None:
+        """Starts reading group 0 of ``epoch`` on a lowest-priority thread (see ``set_read_ahead``)."""
+        key = (epoch, self.rank, worker)
+        with self._early_lock:
+            if key in self._early:
+                return
+            if self._early_pool is None:
+                self._early_pool = ThreadPoolExecutor(1, thread_name_prefix="streamtotal-read-ahead",
+                                                      initializer=lower_current_thread_priority)
+            self._early[key] = self._early_pool.submit(self._read_group, epoch, worker, 0)
+
+    def _take_early(self, epoch: int, worker: int) -> Future | None:
+        """The early read of ``epoch``'s group 0 for ``worker``, if one was started; any other is dropped."""
+        with self._early_lock:
+            found = self._early.pop((epoch, self.rank, worker), None)
+            for stale in self._early.values():
+                stale.cancel()
+            self._early.clear()
+        return found
+
+    def __getstate__(self) -> dict:
+        # Pickled into DataLoader workers: threads and futures do not cross processes (nor are they used there).
+        state = dict(self.__dict__)
+        state["_early"], state["_early_pool"], state["_early_lock"] = {}, None, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._early_lock = threading.Lock()
+
+
+def _then(items: Iterable[int], callback: Callable[[], None]) -> Iterator[int]:
+    """Yields ``items``, then calls ``callback`` once they are exhausted (not if the iteration stops early)."""
+    yield from items
+    callback()
 
 
 def _same(batch: CiteBatch) -> CiteBatch:

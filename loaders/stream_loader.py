@@ -93,6 +93,11 @@ class StreamLoader:
             self.batches_consumed = 0
             self._resumed = False
 
+    def set_read_ahead(self, epoch: int | None) -> None:
+        """Lets the reader start on ``epoch``'s first I/O group while the current epoch ends (None: off); a training
+        loop calls it when it knows which epoch follows. See ``Stream.set_read_ahead``; no effect with workers."""
+        self.stream.set_read_ahead(epoch)
+
     def __iter__(self) -> Iterator[CiteBatch]:
         """Yields the batches of the current epoch not consumed yet.
 

@@ -224,3 +224,60 @@ def test_read_errors_surface_and_reader_threads_stop():
     with pytest.raises(InvalidCountsError, match=r"study 'Z'.*cell 40 \(local id 40\), column 'CD3'"):
         _run(Stream(col, np.arange(64), cfg))
     assert threading.active_count() == before
+
+
+class _CountingCollection:
+    """The real collection, counting ``read_aligned`` calls (the group reads a stream makes)."""
+
+    def __init__(self, collection):
+        self._collection, self.reads, self._lock = collection, [], threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._collection, name)
+
+    def read_aligned(self, ids):
+        with self._lock:
+            self.reads.append(ids.copy())
+        return self._collection.read_aligned(ids)
+
+
+@pytest.mark.parametrize("read_threads", [1, 2])
+def test_read_ahead_reads_the_next_epochs_first_group_early_and_changes_no_batch(collection, read_threads):
+    config = StreamConfig(batch_size=16, chunk_size=8, io_chunks=3, seed=7, read_threads=read_threads)
+    ids = np.arange(collection.n_obs)
+    plain = StreamLoader(collection, ids, config)
+    expected = []
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        expected.append(_run(plain))
+
+    counting = _CountingCollection(collection)
+    loader = StreamLoader(counting, ids, config)
+    n_groups = -(-collection.n_obs // config.io_cells)
+    loader.set_epoch(0)
+    loader.set_read_ahead(1)
+    got0 = _run(loader)
+    loader.stream._early[(1, 0, 0)].result()  # the early read finished (or raised) before epoch 1 was asked for
+    assert len(counting.reads) == n_groups + 1  # epoch 0's groups, then epoch 1's first
+    loader.set_epoch(1)
+    loader.set_read_ahead(None)
+    got1 = _run(loader)
+    assert len(counting.reads) == 2 * n_groups  # epoch 1 used the early read instead of reading group 0 again
+    _assert_same(got0, expected[0])
+    _assert_same(got1, expected[1])
+
+
+def test_read_ahead_of_an_epoch_not_iterated_next_is_dropped(collection):
+    config = StreamConfig(batch_size=16, chunk_size=8, io_chunks=3, seed=7)
+    ids = np.arange(collection.n_obs)
+    loader = StreamLoader(collection, ids, config)
+    loader.set_epoch(0)
+    loader.set_read_ahead(1)
+    _run(loader)
+    loader.set_epoch(2)  # e.g. training resumed elsewhere: epoch 1's early read must not be used for epoch 2
+    loader.set_read_ahead(None)
+    got = _run(loader)
+    reference = StreamLoader(collection, ids, config)
+    reference.set_epoch(2)
+    _assert_same(got, _run(reference))
+    assert not loader.stream._early
