@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from loaders.thread_priority import lower_current_thread_priority
 from streamtotal.errors import CheckpointError
 
 _NAME = re.compile(r"^ckpt-(\d{10})\.pt$")
@@ -78,6 +80,68 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int =
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of ``state`` (nested dicts, lists, tuples) whose tensors are detached clones: safe to serialise while
+    training goes on mutating the originals (``state_dict()`` returns the live parameter and optimiser tensors)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: snapshot(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return state
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one at a time, so training does not wait for serialisation and
+    fsync (~50 ms for a 15 MB checkpoint on the 2-core benchmark machine, each epoch).
+
+    The state is snapshotted (``snapshot``) by the caller's thread before ``submit`` returns, so the file holds
+    exactly the state at submission. Writes stay atomic (``save_checkpoint``). A write's error is raised by the
+    next ``submit`` or by ``wait``; call ``wait`` before relying on the file (end of training, preemption).
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -> None:
+        """Waits for the previous write, then starts writing ``state`` as the checkpoint of ``step``.
+
+        Raises:
+            BaseException: the previous write's error.
+        """
+        self.wait()
+        frozen = snapshot(state)
+
+        def write() -> None:
+            lower_current_thread_priority()  # serialise on cycles the training step leaves idle
+            try:
+                save_checkpoint(run_dir, step, frozen, keep=keep)
+            except BaseException as exc:  # re-raised on the training thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=write, name="streamtotal-checkpoint", daemon=False)
+        self._thread.start()
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Blocks until the write in progress (if any) is on disk.
+
+        Args:
+            raise_error: False drops the write's error (when another error is already on its way up).
+
+        Raises:
+            BaseException: that write's error (once).
+        """
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            if raise_error:
+                raise error
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

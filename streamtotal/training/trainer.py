@@ -26,7 +26,7 @@ from streamtotal.errors import CheckpointError, RunDirError
 from streamtotal.model.cpu_allocator import retain_freed_memory
 from streamtotal.model.kl_schedule import kl_weight
 from streamtotal.model.totalvi import TotalVI
-from streamtotal.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from streamtotal.training.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint
 from streamtotal.training.distributed import DistContext
 from streamtotal.training.init_from import initialise_from
 from streamtotal.training.metrics_log import MetricsLog
@@ -200,6 +200,7 @@ class Trainer:
                                                   eps=tc.eps, weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=tc.lr_factor, patience=tc.lr_patience, threshold=0.0)
+        self.checkpoints = CheckpointWriter()
         self.metrics = MetricsLog(self.run_dir.metrics_path, enabled=self.dist.is_main)
 
         self.step = 0
@@ -292,9 +293,13 @@ class Trainer:
         self._resume_mid_epoch = ckpt["loader"]["epoch"] == self.epoch
         self.metrics.truncate_after(self.step)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, wait: bool = False) -> None:
+        """Checkpoints the current step, written in the background (``wait``: on disk before returning)."""
         if self.dist.is_main:
-            save_checkpoint(self.run_dir.path, self.step, self._state(), keep=self.config.train.keep_checkpoints)
+            self.checkpoints.submit(self.run_dir.path, self.step, self._state(),
+                                    keep=self.config.train.keep_checkpoints)
+            if wait:
+                self.checkpoints.wait()
         self.dist.barrier()
 
     @staticmethod
@@ -354,11 +359,12 @@ class Trainer:
                         window.zero_()
                         window_start = time.perf_counter()
                     if stop_after_steps is not None and self.step >= stop_after_steps:
+                        self.checkpoints.wait()
                         return self._summary(start_step, start_time, cells)
                     if fail_at is not None and self.step == fail_at:
                         raise RuntimeError(f"injected failure after step {fail_at} (STREAMTOTAL_FAIL_AT_STEP)")
                     if self._stop_requested(preemption):
-                        self._checkpoint()
+                        self._checkpoint(wait=True)
                         if self.dist.is_main:
                             print(f"streamtotal: signal {preemption.signum or 'on another rank'} received; "
                                   f"checkpointed step {self.step} in {self.run_dir.path}; rerun with --resume to "
@@ -368,11 +374,15 @@ class Trainer:
                     if self.step % tc.checkpoint_every_steps == 0 and self.loader.batches_remaining > 0:
                         self._checkpoint()
                 self._end_epoch()
+        except BaseException:
+            self.checkpoints.wait(raise_error=False)  # the write in progress still lands; the error goes up
+            raise
         finally:
             bar.close()
             preemption.uninstall()
         if self.dist.is_main:
             self.run_dir.write_final_model(self.model, self.config, self.registry)
+        self.checkpoints.wait()
         return self._summary(start_step, start_time, cells)
 
     def _stop_requested(self, preemption: PreemptionFlag) -> bool:
