@@ -207,6 +207,7 @@ def _ingest_open(reader: BlockReader, out_path: str, t0: float, *, batch_key, bl
     study = Path(path).name
     writer = ZarrStoreWriter(
         out_path, genes, proteins, layout=layout, panel_key=batch_key, source_file=path, overwrite=overwrite,
+        integer_counts=not allow_non_integer,  # validated below, block by block
     )
     try:
         bar = tqdm(total=reader.n_obs, unit="cells", desc=f"ingest {study}", disable=not progress)

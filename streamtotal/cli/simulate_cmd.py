@@ -58,7 +58,7 @@ def write_simulation(sim: CiteSimulator, out: str | Path, *, overwrite: bool = F
         return out
     c = sim.config
     writer = ZarrStoreWriter(out, sim.gene_names, sim.protein_names, panel_key="batch", overwrite=overwrite,
-                             source_file="streamtotal simulate")
+                             source_file="streamtotal simulate", integer_counts=True)
     blocks = -(-c.n_cells // c.block_cells)
     for rna, protein, obs in tqdm(sim.blocks(), total=blocks, desc="simulate", unit="block", disable=not progress):
         writer.append(rna, protein, obs)

@@ -41,6 +41,34 @@ def test_uneven_blocks_round_trip_through_anndata(tmp_path, cite):
     assert (a.obs[PANEL_OBS_COLUMN] == 0).all()
 
 
+def test_integer_counts_are_stored_as_int32_and_read_back_as_the_same_float32_counts(tmp_path, cite):
+    from loaders.zarr_source import ZarrSource
+
+    d = cite.make_cite()
+    path = tmp_path / "s.zarr"
+    _write(path, d, integer_counts=True)
+    assert zarr.open_group(str(path), mode="r")["X/data"].dtype == np.int32
+    a = ad.read_zarr(path)
+    assert a.X.dtype == np.int32 and np.array_equal(a.X.toarray(), d.rna.toarray())
+    rows = ZarrSource(path).read(np.array([0, 5, 6, 30, 59]))
+    assert rows.rna.dtype == np.float32
+    assert np.array_equal(rows.rna.toarray(), d.rna[[0, 5, 6, 30, 59]].toarray())
+
+
+@pytest.mark.parametrize("value", [2.5, -3.0, 2.0**31, np.nan])
+def test_integer_store_refuses_a_value_int32_would_change_naming_cell_and_gene(tmp_path, cite, value):
+    d = cite.make_cite(n=10)
+    rna = d.rna.astype(np.float64).tocsr()
+    rna.data[4] = value
+    row = int(np.searchsorted(rna.indptr, 4, side="right") - 1)
+    gene = d.genes[rna.indices[4]]
+    w = ZarrStoreWriter(tmp_path / "s.zarr", d.genes, d.proteins, layout=SMALL, integer_counts=True)
+    with pytest.raises(StoreFormatError, match=f"cell {row}, gene '{gene}' is not an integer"):
+        w.append(rna, d.protein, d.obs)
+    w.abort()
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_chunks_follow_the_layout_and_metadata_is_consolidated(tmp_path, cite):
     d = cite.make_cite()
     path = tmp_path / "s.zarr"
