@@ -45,6 +45,28 @@ def _gene_offsets(n_genes: int) -> torch.Tensor:
     return offsets
 
 
+def count_tables(theta: torch.Tensor, with_digamma: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``[G, TABLE_WIDTH]`` float64 tables of C(k, theta_g) and (optionally) D(k, theta_g) for k < TABLE_WIDTH.
+
+    For integer k both are sums over j < k: C = sum log(theta + j) - lgamma(k + 1), D = sum 1 / (theta + j).
+
+    Args:
+        theta: ``[G]`` inverse dispersions, > 0 (not differentiated here).
+        with_digamma: also build D (the backward needs it).
+    """
+    width, g = TABLE_WIDTH, theta.shape[0]
+    k = torch.arange(width - 1, dtype=torch.float64)
+    shifted = theta.detach().double().unsqueeze(1) + k  # theta + k, k < W - 1
+    log_table = torch.zeros(g, width, dtype=torch.float64)
+    torch.cumsum(shifted.log(), dim=1, out=log_table[:, 1:])
+    log_table -= torch.lgamma(torch.arange(width, dtype=torch.float64) + 1.0)
+    digamma_table = None
+    if with_digamma:
+        digamma_table = torch.zeros(g, width, dtype=torch.float64)
+        torch.cumsum(shifted.reciprocal(), dim=1, out=digamma_table[:, 1:])
+    return log_table, digamma_table
+
+
 class CountTerms:
     """C and D of one minibatch (see the module docstring). Build with ``CountTerms.build``."""
 
@@ -75,15 +97,8 @@ class CountTerms:
         as_int, top = found
         dtype, (n, g) = x.dtype, x.shape
         width = TABLE_WIDTH
-        k = torch.arange(width - 1, dtype=torch.float64)
-        shifted = theta.detach().double().unsqueeze(1) + k  # theta + k, k < W - 1
-        log_table = torch.zeros(g, width, dtype=torch.float64)
-        torch.cumsum(shifted.log(), dim=1, out=log_table[:, 1:])
-        log_table -= torch.lgamma(torch.arange(width, dtype=torch.float64) + 1.0)
-        digamma_table = None
-        if with_digamma:
-            digamma_table = torch.zeros(g, width, dtype=torch.float64)
-            torch.cumsum(shifted.reciprocal(), dim=1, out=digamma_table[:, 1:])
+        log_table, digamma_table = count_tables(theta, with_digamma)
+        if digamma_table is not None:
             digamma_table = digamma_table.to(dtype).view(-1)
 
         index = as_int.clamp_(max=width - 1).add_(_gene_offsets(g)).view(-1)

@@ -1,0 +1,99 @@
+"""Compiled CPU kernels of the RNA likelihood (nb_kernel.c), with the checks the C code relies on.
+
+The per-cell NB log-likelihood is most of a CPU training step's non-matmul time when written in torch operations
+(about 25 passes over the [B, G] tensors, ~5 ms of a ~20 ms step at B = 256, G = 2,000). The kernels do it in
+three passes forward and two backward over OpenMP threads (~1.5 ms), giving the same values to float32 rounding
+(tests/model/test_native_kernels.py; they are closer to a float64 reference than the torch path).
+
+The extension is built at install (setup.py) and is optional: without a C compiler the install succeeds and
+``available()`` is False, and rna_likelihood.py uses its torch operations. ``STREAMTOTAL_NATIVE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch  # first: the extension then shares torch's OpenMP runtime (and its thread count)
+
+from streamtotal.model.count_terms import TABLE_WIDTH, count_tables
+
+try:
+    from streamtotal.model.native import _nb
+except ImportError:  # not built (no compiler when installed): the torch path is used
+    _nb = None
+
+MIN_WIDTH = 31
+"""The kernels continue the tables with asymptotic series from count TABLE_WIDTH - 1, exact only from 30 on."""
+assert TABLE_WIDTH >= MIN_WIDTH
+
+
+def available() -> bool:
+    """Whether the compiled kernels are installed and not turned off (``STREAMTOTAL_NATIVE=0``)."""
+    return _nb is not None and os.environ.get("STREAMTOTAL_NATIVE", "1") != "0"
+
+
+def applies(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor, log_theta: torch.Tensor) -> bool:
+    """Whether the kernels can compute this call: CPU float32 tensors, ``[B, G]`` counts and logits, ``[B]``
+    library, and one dispersion per gene (``[G]``)."""
+    return (available() and x.device.type == "cpu" and x.dim() == 2 and log_theta.dim() == 1
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, logits, log_library, log_theta))
+            and logits.shape == x.shape and log_library.shape == x.shape[:1] and log_theta.shape == x.shape[1:])
+
+
+class NBState:
+    """What the backward needs from the forward."""
+
+    def __init__(self, x, mu, log_theta_mu, log_library, theta, log_theta, digamma_table) -> None:
+        self.x, self.mu, self.log_theta_mu = x, mu, log_theta_mu
+        self.log_library, self.theta, self.log_theta = log_library, theta, log_theta
+        self.digamma_table = digamma_table
+
+
+def nb_forward(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor, log_theta: torch.Tensor,
+               with_theta_grad: bool = True) -> tuple[torch.Tensor, NBState] | None:
+    """Per-cell log NB(x; exp(log_library) * softmax(logits), exp(log_theta)) and the backward's state.
+
+    Call only where ``applies`` is True. ``with_theta_grad``: prepare the backward's dispersion gradient.
+
+    Returns:
+        ``([B] log-likelihoods, state)``, or None when a count is not an integer in [0, 2^24) (use the general
+        path then).
+    """
+    x, logits, log_library, log_theta = (t.detach().contiguous() for t in (x, logits, log_library, log_theta))
+    theta = log_theta.exp()
+    c_table, d_table = count_tables(theta, with_digamma=with_theta_grad)
+    n, g = x.shape
+    ll = torch.empty(n)
+    mu, log_theta_mu = torch.empty(n, g), torch.empty(n, g)
+    bad = _nb.nb_forward(x.data_ptr(), logits.data_ptr(), log_library.data_ptr(), theta.data_ptr(),
+                         log_theta.data_ptr(), c_table.data_ptr(), TABLE_WIDTH, n, g, ll.data_ptr(), mu.data_ptr(),
+                         log_theta_mu.data_ptr())
+    if bad:
+        return None
+    return ll, NBState(x, mu, log_theta_mu, log_library, theta, log_theta, d_table)
+
+
+def nb_backward(grad: torch.Tensor, state: NBState, need_logits: bool, need_library: bool,
+                need_theta: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``sum_b grad_b * ll_b`` with respect to logits, log library and log theta (None where not
+    needed), from ``nb_forward``'s state (``need_theta`` needs ``with_theta_grad`` there).
+
+    Raises:
+        MemoryError: the kernel could not allocate its per-thread sums.
+    """
+    s = state
+    n, g = s.x.shape
+    grad = grad.detach().to(torch.float32).contiguous()
+    grad_logits = torch.empty(n, g) if need_logits else None
+    grad_library = torch.empty(n) if need_library else None
+    grad_log_theta = torch.empty(g) if need_theta else None
+    d_table = s.digamma_table if need_theta else None
+    if need_theta and d_table is None:
+        raise ValueError("nb_backward: the dispersion gradient needs nb_forward(..., with_theta_grad=True)")
+    _nb.nb_backward(grad.data_ptr(), s.x.data_ptr(), s.mu.data_ptr(), s.log_theta_mu.data_ptr(),
+                    s.log_library.data_ptr(), s.theta.data_ptr(), s.log_theta.data_ptr(),
+                    0 if d_table is None else d_table.data_ptr(), TABLE_WIDTH, n, g,
+                    0 if grad_logits is None else grad_logits.data_ptr(),
+                    0 if grad_library is None else grad_library.data_ptr(),
+                    0 if grad_log_theta is None else grad_log_theta.data_ptr())
+    return grad_logits, grad_library, grad_log_theta
