@@ -10,6 +10,7 @@ dtypes, remote stores, arrays chunked along columns) is left to zarr: ``for_arra
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ class LocalChunkReader:
 
     def __init__(self, directory: Path, metadata, dtype: np.dtype) -> None:
         """Use ``for_array``; this takes the array's directory, its v2 metadata and native dtype."""
-        self._dir = directory
+        self._dir = os.fspath(directory)
         self._chunks = tuple(int(c) for c in metadata.chunks)
         self._rows = self._chunks[0]
         self._sep = metadata.dimension_separator
@@ -36,6 +37,8 @@ class LocalChunkReader:
         fill = metadata.fill_value
         self._fill = 0 if fill is None else fill
         self._key_suffix = "".join(f"{self._sep}0" for _ in self._chunks[1:])
+        # A chunk file is at most its decoded size plus the codec's header; read it in one call of that size.
+        self._read_size = int(np.prod(self._chunks)) * dtype.itemsize + 4096
 
     @classmethod
     def for_array(cls, array: zarr.Array) -> LocalChunkReader | None:
@@ -72,9 +75,8 @@ class LocalChunkReader:
         return parts
 
     def _chunk(self, index: int) -> np.ndarray:
-        path = self._dir / f"{index}{self._key_suffix}"
         try:
-            raw = path.read_bytes()
+            raw = _read_file(os.path.join(self._dir, f"{index}{self._key_suffix}"), self._read_size)
         except FileNotFoundError:
             # zarr does not write chunks that hold only the fill value.
             return np.full(self._chunks, self._fill, dtype=self._dtype)
@@ -86,3 +88,16 @@ class LocalChunkReader:
             return arr.reshape(self._chunks, order=self._order)
         # Some writers store a short last chunk; rows past the end are never asked for.
         return arr.reshape((-1, *self._chunks[1:]), order=self._order)
+
+
+def _read_file(path: str, size_hint: int) -> bytes:
+    """The whole file: open + one read of ``size_hint`` bytes + close (half the time of ``Path.read_bytes``, which
+    also stats the file, on the ~40 KB chunk files a training read opens a hundred of)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts = [os.read(fd, size_hint)]
+        while len(parts[-1]) == size_hint:  # larger than the hint (another writer's codec): read on to the end
+            parts.append(os.read(fd, size_hint))
+    finally:
+        os.close(fd)
+    return parts[0] if len(parts) == 1 else b"".join(parts)

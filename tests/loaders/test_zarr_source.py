@@ -217,3 +217,14 @@ def test_reads_of_scattered_ids_are_split_into_bounded_rounds_with_identical_res
     assert max(rounds) < 97 and len(rounds) > 8  # several bounded rounds, not one pass over everything
     ids = np.arange(0, 97, 7)
     assert np.array_equal(src.read(ids).rna.toarray(), d.rna[ids].toarray())
+
+
+@pytest.mark.parametrize("hint", [1, 3000, 10_000, 20_000])
+def test_chunk_files_are_read_whole_whatever_the_size_hint(tmp_path, hint):
+    from loaders.zarr_chunk_reader import _read_file
+
+    payload = np.random.default_rng(0).bytes(10_000)
+    (tmp_path / "0").write_bytes(payload)
+    assert _read_file(str(tmp_path / "0"), hint) == payload
+    with pytest.raises(FileNotFoundError):
+        _read_file(str(tmp_path / "1"), hint)
