@@ -38,12 +38,39 @@ def _positions_in_covers(ids, starts, stops, cover_offsets) -> np.ndarray:
 
 def gather_dense_rows(parts: list[np.ndarray], ids, starts, stops) -> np.ndarray:
     """Returns the rows of ``ids`` from dense cover blocks ``parts`` (rows ``starts[i]:stops[i]`` each)."""
-    block = np.concatenate(parts) if len(parts) != 1 else np.asarray(parts[0])
+    joined = joined_parts(parts)
+    block = joined if joined is not None else np.concatenate(parts) if len(parts) != 1 else np.asarray(parts[0])
     if block.shape[0] == ids.size:
         # A single part may be a read-only view of a decoded chunk; callers may write to rows.
         return block if block.flags.writeable else block.copy()
     offsets = np.concatenate([[0], np.cumsum(stops - starts)[:-1]])
     return block[_positions_in_covers(ids, starts, stops, offsets)]
+
+
+def joined_parts(parts: list[np.ndarray]) -> np.ndarray | None:
+    """The array that ``parts`` are consecutive views of, from its start (so their concatenation, without a copy);
+    None when they are not (one part, or parts of separate arrays)."""
+    if len(parts) < 2:
+        return None
+    base = parts[0].base
+    if (not isinstance(base, np.ndarray) or not base.flags.c_contiguous or base.dtype != parts[0].dtype
+            or base.shape[1:] != parts[0].shape[1:]):
+        return None
+    position = base.ctypes.data
+    for p in parts:
+        if p.base is not base or p.ctypes.data != position or not p.flags.c_contiguous:
+            return None
+        position += p.nbytes
+    return base[: sum(len(p) for p in parts)]
+
+
+def _concatenated(parts: list[np.ndarray]) -> np.ndarray:
+    """The parts as one array: their shared base when they already are consecutive views of one (a local zarr
+    read's output), else a copy (a single part may be a view of a decoded chunk that must not be written)."""
+    joined = joined_parts(parts)
+    if joined is not None:
+        return joined
+    return np.concatenate(parts) if len(parts) != 1 else np.array(parts[0])
 
 
 def gather_csr_rows(
@@ -64,8 +91,7 @@ def gather_csr_rows(
         ids, starts, stops: requested ids and cover ranges.
         n_cols: number of columns.
     """
-    data = np.concatenate(data_parts) if len(data_parts) != 1 else np.array(data_parts[0])
-    indices = np.concatenate(index_parts) if len(index_parts) != 1 else np.array(index_parts[0])
+    data, indices = _concatenated(data_parts), _concatenated(index_parts)
     lengths = indptr[ids + 1] - indptr[ids]
     out_indptr = np.zeros(ids.size + 1, dtype=np.int64)
     np.cumsum(lengths, out=out_indptr[1:])

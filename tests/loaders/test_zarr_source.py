@@ -228,3 +228,35 @@ def test_chunk_files_are_read_whole_whatever_the_size_hint(tmp_path, hint):
     assert _read_file(str(tmp_path / "0"), hint) == payload
     with pytest.raises(FileNotFoundError):
         _read_file(str(tmp_path / "1"), hint)
+
+
+def test_local_chunk_reader_matches_zarr_for_sorted_unsorted_empty_and_fill_value_ranges(tmp_path):
+    import zarr
+    from numcodecs import Blosc
+
+    from loaders.row_runs import joined_parts
+    from loaders.zarr_chunk_reader import LocalChunkReader
+
+    values = np.arange(1, 1001, dtype=np.int32)
+    values[200:400] = 0  # chunks 2 and 3 hold only the fill value: zarr does not write them
+    arr = zarr.create_array(str(tmp_path / "a"), shape=values.shape, chunks=(100,), dtype="int32", zarr_format=2,
+                            compressors=Blosc("lz4", 5, 1), fill_value=0)
+    arr[...] = values
+    assert not (tmp_path / "a" / "2").exists()
+    reader = LocalChunkReader.for_array(zarr.open_array(str(tmp_path / "a"), mode="r"))
+    assert reader is not None
+    cases = [
+        (np.array([0, 150, 350, 990]), np.array([120, 160, 420, 1000])),  # sorted, across chunks, fill chunks
+        (np.array([500, 10]), np.array([650, 20])),  # unsorted: the chunk-by-chunk path
+        (np.array([100, 300]), np.array([100, 300])),  # empty ranges
+    ]
+    for starts, stops in cases:
+        parts = reader.read_ranges(starts, stops)
+        for part, a, b in zip(parts, starts, stops):
+            assert np.array_equal(part, values[a:b])
+    sorted_parts = reader.read_ranges(*cases[0])
+    joined = joined_parts(sorted_parts)
+    assert joined is not None and np.shares_memory(joined, sorted_parts[0])
+    assert np.array_equal(joined, np.concatenate(sorted_parts))
+    assert joined_parts([values[0:10], values[20:30]]) is None  # not consecutive
+    assert joined_parts([values[0:10].copy(), values[10:20]]) is None  # not views of one array
