@@ -113,8 +113,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Precision of the training forward pass. "bf16" runs the linear layers under bfloat16 autocast (densities,
     KL terms and the loss stay float32, as do weights and optimiser state); "fp32" runs everything in float32;
-    "auto" = "bf16" on a CUDA GPU that supports it, "fp32" otherwise (on CPUs with bf16 instructions "bf16" is
-    faster too). Validation is always evaluated in float32, so its figures compare across precisions."""
+    "auto" = "bf16" on a CUDA GPU that supports it and on a CPU with bf16 instructions (avx512_bf16 or amx_bf16),
+    "fp32" otherwise. Validation is always evaluated in float32, so its figures compare across precisions."""
     compile: bool = False
     """Compile the model with ``torch.compile`` (inductor) before training: a one-off compile of tens of seconds
     for faster steps on long runs (mostly on GPU). Needs a C++ compiler on CPU."""

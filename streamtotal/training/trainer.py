@@ -423,10 +423,10 @@ class Trainer:
     def _end_epoch(self) -> None:
         tc = self.config.train
         if len(self.val_ids):
-            with autocast(self.precision, self.device):  # as scvi-tools (Lightning): validate as it trains
-                self.last_validation = evaluate_elbo(self.model, self.collection, self.val_ids, dist=self.dist,
-                                                     device=self.device, seed=tc.seed,
-                                                     batches=self.validation_batches)
+            # In float32 whatever the training precision, so validation figures compare across precisions.
+            self.last_validation = evaluate_elbo(self.model, self.collection, self.val_ids, dist=self.dist,
+                                                 device=self.device, seed=tc.seed,
+                                                 batches=self.validation_batches)
             self.metrics.write({"kind": "validation", "step": self.step, "epoch": self.epoch,
                                 **{f"val_{k}": v for k, v in self.last_validation.items()}})
             value = self.last_validation["neg_elbo"]

@@ -1,5 +1,6 @@
 """Training precision (bf16 autocast) and torch.compile: same model quality as the float32 eager path."""
 
+import os
 import shutil
 
 import pytest
@@ -24,8 +25,18 @@ def _val_elbo(store, run_dir, **train) -> float:
     return Trainer(_config(store, **train), run_dir).fit().validation["neg_elbo"]
 
 
-def test_auto_precision_is_fp32_on_cpu_and_bad_values_are_refused():
+def test_auto_precision_on_cpu_is_bf16_only_with_bf16_instructions_and_bad_values_are_refused(monkeypatch):
+    import streamtotal.training.precision as precision
+
+    native = precision.cpu_has_bf16_instructions()
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    assert native == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    monkeypatch.setattr(precision, "cpu_has_bf16_instructions", lambda: False)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(precision, "cpu_has_bf16_instructions", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig(precision="fp16")
