@@ -54,7 +54,7 @@ def marker_separation(prob: np.ndarray, proteins: list[str], labels: np.ndarray)
     return out
 
 
-def run_streamtotal(data: Path, work: Path, epochs: int) -> dict:
+def run_streamtotal(data: Path, work: Path, epochs: int, precision: str = "auto", seed: int = 0) -> dict:
     import anndata as ad
 
     from loaders.ingest import ingest
@@ -66,9 +66,11 @@ def run_streamtotal(data: Path, work: Path, epochs: int) -> dict:
     store = work / "pbmc.zarr"
     ingest(data, store, progress=False, overwrite=True)
     config = RunConfig(data=DataConfig(stores=(str(store),)),
-                       train=TrainConfig(max_epochs=epochs, progress=False, checkpoint_every_steps=10**9))
+                       train=TrainConfig(max_epochs=epochs, progress=False, checkpoint_every_steps=10**9,
+                                         precision=precision, seed=seed))
     t = time.perf_counter()
-    summary = Trainer(config, work / "run").fit()
+    trainer = Trainer(config, work / "run")
+    summary = trainer.fit()
     seconds = time.perf_counter() - t
     post = StorePosterior(work / "run", str(store), progress=False)
     latent = post.latent()
@@ -77,7 +79,7 @@ def run_streamtotal(data: Path, work: Path, epochs: int) -> dict:
     proteins = list(post.registry.protein_names)
     de = DifferentialExpression(post).compare_groups("cell_type", "B", modality="protein")
     ranked = [str(i) for i in de.index]
-    return {"train_seconds": seconds, "cells_per_s": summary.cells_per_second,
+    return {"train_seconds": seconds, "cells_per_s": summary.cells_per_second, "precision": trainer.precision,
             "validation_neg_elbo": summary.validation.get("neg_elbo"), **latent_scores(latent, labels),
             "foreground_probability": marker_separation(prob, proteins, labels),
             "de_B_vs_rest_protein_ranking": ranked[:5],
@@ -108,11 +110,16 @@ def main() -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--workdir")
+    p.add_argument("--precision", default="auto", help="streamtotal's train.precision (auto, fp32, bf16)")
+    p.add_argument("--seed", type=int, default=0, help="streamtotal's train.seed")
     p.add_argument("--only", choices=["streamtotal", "scvi"], help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.only:
-        fn = run_streamtotal if args.only == "streamtotal" else run_scvi
-        print("RESULT " + json.dumps(fn(Path(args.data), Path(args.workdir), args.epochs)))
+    if args.only == "streamtotal":
+        result = run_streamtotal(Path(args.data), Path(args.workdir), args.epochs, args.precision, args.seed)
+        print("RESULT " + json.dumps(result))
+        return
+    if args.only == "scvi":
+        print("RESULT " + json.dumps(run_scvi(Path(args.data), Path(args.workdir), args.epochs)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
@@ -120,7 +127,9 @@ def main() -> None:
         results = {}
         for name in ("streamtotal", "scvi"):
             proc = subprocess.run([sys.executable, __file__, "--only", name, "--data", args.data, "--epochs",
-                                   str(args.epochs), "--workdir", str(work)], capture_output=True, text=True,
+                                   str(args.epochs), "--workdir", str(work), "--precision", args.precision,
+                                   "--seed", str(args.seed)],
+                                  capture_output=True, text=True,
                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             results[name] = json.loads(lines[-1][7:]) if lines else {"error": proc.stderr[-2000:]}
