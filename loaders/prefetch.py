@@ -100,8 +100,16 @@ def _prefetch_concurrent(fn: Callable[[I], T], items: Iterable[I], ahead: int, t
             return
 
     try:
+        # The first result alone, then the read-ahead: started together, the reads share the CPU (or the link) and
+        # the first arrives late, while the consumer waits for nothing else (~0.1-0.3 s a cold start, 2 cores).
+        submit_next()
+        if not pending:
+            return
+        first = pending.popleft().result()
         for _ in range(ahead):
             submit_next()
+        yield first
+        first = None
         while pending:
             value = pending.popleft().result()  # re-raises fn's exception here, in the consumer
             yield value

@@ -36,14 +36,21 @@ def test_at_most_ahead_plus_one_results_are_alive(ahead, threads):
     assert worst[0] <= ahead + 1
 
 
-def test_reads_overlap_with_two_threads():
+def test_first_read_runs_alone_then_reads_overlap_with_two_threads():
     barrier = threading.Barrier(2, timeout=10)  # breaks unless two calls run at the same time
+    running, seen_with_first = [0], []
 
     def work(i):
+        if i == 0:  # the consumer waits for this one only: nothing else may be running beside it
+            seen_with_first.append(running[0])
+            return i
+        running[0] += 1
         barrier.wait()
+        running[0] -= 1
         return i
 
-    assert list(prefetch(work, range(6), ahead=2, threads=2)) == list(range(6))
+    assert list(prefetch(work, range(7), ahead=2, threads=2)) == list(range(7))
+    assert seen_with_first == [0]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
