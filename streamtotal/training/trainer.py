@@ -325,12 +325,6 @@ class Trainer:
         fail_at = injected_failure_step()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train",
                    disable=not (tc.progress and self.dist.is_main), dynamic_ncols=True)
-        # Validation cells are read on idle cycles during training rather than at the first validation, once the
-        # epoch's training reads are done (its last I/O group is being trained on): read alongside those, they
-        # delayed training batches by 0.1-0.4 s.
-        fill_validation = self.validation_batches is not None and tc.num_workers == 0
-        group_batches = max(1, self.loader.config.io_cells // self.loader.config.batch_size)
-        fill_validation_at = max(1, len(self.loader) - group_batches)
         self.model.train()
         try:
             while self.epoch < self.epochs and not self.stopped_early:
@@ -347,9 +341,6 @@ class Trainer:
                     batch = batch.to(self.device, non_blocking=True)
                     weight = kl_weight(self.step, self.total_steps, tc.kl_warmup_fraction)
                     out = self._train_step(batch, weight)
-                    if fill_validation and self.loader.batches_consumed >= fill_validation_at:
-                        self.validation_batches.start_background_fill()
-                        fill_validation = False
                     self.step += 1
                     cells += n
                     window += torch.tensor([out.loss.item() * n, out.rna_nll.sum().item(),
