@@ -1,9 +1,10 @@
 """Reads rows of one zarr matrix (CSR group, dense array or dataframe) for a ``ZarrSource``.
 
-A reader does not run its reads itself: ``requests`` hands back one coroutine per underlying array so
-that a Source gathers every array of every modality in one event-loop round trip. Local zarr v2
-arrays are decoded by ``LocalChunkReader`` in a worker thread (one per array, so data, indices and
-protein decode in parallel; Blosc releases the GIL); other arrays go through zarr's async API.
+Remote (and other non-direct) arrays go through zarr's async API: ``requests`` hands back one coroutine per
+underlying array so that a Source gathers every array of every modality in one event-loop round trip, and their
+latencies overlap. Local zarr v2 arrays are decoded by ``LocalChunkReader`` in the calling thread
+(``read_direct``): the reader thread of the Stream already runs beside training, and on a busy machine the event
+loop and thread hand-offs cost more than decoding the arrays in parallel gains.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class _ArrayRanges:
         self._async = array.async_array
         self._ndim = len(array.shape)
         self.direct = self._local is not None
+
+    def read_direct(self, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
+        return self._local.read_ranges(starts, stops)
 
     async def ranges(self, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
         if self._local is not None:
@@ -69,6 +73,11 @@ class ZarrMatrixReader:
         """Decoded bytes of one chunk (of every underlying array together): a read holds whole chunks."""
 
     @property
+    def n_arrays(self) -> int:
+        """Underlying arrays, i.e. entries of what ``requests`` / ``read_direct`` give."""
+        return len(self._arrays)
+
+    @property
     def direct(self) -> bool:
         """True when every array is read from local chunk files directly."""
         return all(a.direct for a in self._arrays)
@@ -80,6 +89,13 @@ class ZarrMatrixReader:
             lo, hi = self.indptr[starts], self.indptr[stops]
             return [a.ranges(lo, hi) for a in self._arrays]
         return [a.ranges(starts, stops) for a in self._arrays]
+
+    def read_direct(self, starts: np.ndarray, stops: np.ndarray) -> list[list[np.ndarray]]:
+        """What ``requests`` gives, read in the calling thread (only when ``direct``): for local chunk files the
+        event loop and thread hand-offs cost more than they overlap on a busy machine (~0.3 ms a training batch)."""
+        if self.kind == "csr":
+            starts, stops = self.indptr[starts], self.indptr[stops]
+        return [a.read_direct(starts, stops) for a in self._arrays]
 
     def assemble_csr(self, results: list, ids, starts, stops) -> sp.csr_matrix:
         """Returns the ``ids`` rows as float32 CSR from the results of ``requests``."""

@@ -196,10 +196,15 @@ class ZarrSource(PicklesByInitArgs):
         return rows
 
     def _read_runs(self, ids: np.ndarray, starts: np.ndarray, stops: np.ndarray):
-        """RNA (CSR) and protein rows of ``ids`` covered by the runs, in one concurrent round of zarr reads."""
-        rna_requests = self._rna.requests(starts, stops)
-        results = sync(_gather(rna_requests + self._protein.requests(starts, stops)))
-        k = len(rna_requests)
+        """RNA (CSR) and protein rows of ``ids`` covered by the runs: local chunk files decoded in this thread, other
+        stores in one concurrent round of zarr reads."""
+        if self._rna.direct and self._protein.direct:
+            rna_results = self._rna.read_direct(starts, stops)
+            results = rna_results + self._protein.read_direct(starts, stops)
+        else:
+            rna_requests = self._rna.requests(starts, stops)
+            results = sync(_gather(rna_requests + self._protein.requests(starts, stops)))
+        k = self._rna.n_arrays
         return (self._rna.assemble_csr(results[:k], ids, starts, stops),
                 self._protein.assemble_dense(results[k:], ids, starts, stops))
 
