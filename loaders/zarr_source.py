@@ -113,9 +113,11 @@ class ZarrSource(PicklesByInitArgs):
         self.protein_panels = layout.protein_panels
         self._rna = ZarrMatrixReader(layout.rna, direct=direct_local_reads)
         self._protein = ZarrMatrixReader(layout.protein, direct=direct_local_reads)
-        # Bridging a gap shorter than a chunk costs at most one extra chunk decode, against one more
-        # request and decoding the shared chunk twice.
-        self._max_gap = max(0, min(self._rna.chunk_cells, self._protein.chunk_cells) // 2)
+        # Remote reads: bridging a gap shorter than a chunk costs at most one extra chunk decode, against one more
+        # request and decoding the shared chunk twice. Local direct reads decode each chunk once whatever the
+        # ranges, so a gap is not bridged: bridged cells would only be read to be cut out again (~0.4 ms a batch).
+        local = self._rna.direct and self._protein.direct
+        self._max_gap = 0 if local else max(0, min(self._rna.chunk_cells, self._protein.chunk_cells) // 2)
         self._obs_cache: dict[str, np.ndarray] = {}
         self._obs_names: np.ndarray | None = None
         self._panel_codes: np.ndarray | None = None
