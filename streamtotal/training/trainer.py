@@ -6,6 +6,7 @@ its own share of the global order with the same number of steps, and only rank 0
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass, replace
@@ -27,6 +28,7 @@ from streamtotal.model.cpu_allocator import retain_freed_memory
 from streamtotal.model.kl_schedule import kl_weight
 from streamtotal.model.totalvi import TotalVI
 from streamtotal.training.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint
+from streamtotal.training.gc_control import ManualGC
 from streamtotal.training.distributed import DistContext
 from streamtotal.training.init_from import initialise_from
 from streamtotal.training.metrics_log import MetricsLog
@@ -66,6 +68,17 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_prefetch_batches(prefetch_batches: int | None, device: torch.device) -> int:
+    """``train.prefetch_batches``, with unset resolved for ``device`` (see its docstring): 0 on a CPU where torch's
+    threads take every core this process may use, else 2."""
+    if prefetch_batches is not None:
+        return prefetch_batches
+    if device.type != "cpu":
+        return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if torch.get_num_threads() >= cores else 2
 
 
 def _adam_kernel(params, device: torch.device) -> dict:
@@ -157,7 +170,8 @@ class Trainer:
             self.collection,
             self.train_ids,
             StreamConfig(batch_size=tc.batch_size, chunk_size=tc.chunk_size, io_chunks=tc.io_chunks, shuffle=True,
-                         seed=tc.seed, num_workers=tc.num_workers, prefetch_batches=tc.prefetch_batches,
+                         seed=tc.seed, num_workers=tc.num_workers,
+                         prefetch_batches=resolve_prefetch_batches(tc.prefetch_batches, self.device),
                          read_threads=tc.read_threads,
                          pin_memory=self.device.type == "cuda"),
             rank=self.dist.rank,
@@ -326,6 +340,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train",
                    disable=not (tc.progress and self.dist.is_main), dynamic_ncols=True)
         self.model.train()
+        collector = ManualGC(every=100).__enter__()  # left in the finally below (the loop's try is long)
         try:
             while self.epoch < self.epochs and not self.stopped_early:
                 if self._resume_mid_epoch:
@@ -342,6 +357,7 @@ class Trainer:
                     weight = kl_weight(self.step, self.total_steps, tc.kl_warmup_fraction)
                     out = self._train_step(batch, weight)
                     self.step += 1
+                    collector.step()
                     cells += n
                     window += torch.tensor([out.loss.item() * n, out.rna_nll.sum().item(),
                                             out.protein_nll.sum().item(), out.kl_z.sum().item(),
@@ -368,10 +384,12 @@ class Trainer:
                     if self.step % tc.checkpoint_every_steps == 0 and self.loader.batches_remaining > 0:
                         self._checkpoint()
                 self._end_epoch()
+                collector.epoch_end()
         except BaseException:
             self.checkpoints.wait(raise_error=False)  # the write in progress still lands; the error goes up
             raise
         finally:
+            collector.__exit__(None, None, None)
             bar.close()
             preemption.uninstall()
         if self.dist.is_main:

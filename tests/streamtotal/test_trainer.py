@@ -100,3 +100,23 @@ def test_loaded_optimizer_state_takes_its_parameters_layout():
     state = optimizer.state[param]
     assert state["exp_avg"].stride() == param.stride() and torch.equal(state["exp_avg"], column_major)
     assert torch.equal(state["exp_avg_sq"], column_major.abs())
+
+
+def test_prefetch_is_inline_only_when_torch_threads_take_every_core():
+    import os
+
+    from streamtotal.training.trainer import resolve_prefetch_batches
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_prefetch_batches(3, cpu) == 3 and resolve_prefetch_batches(0, cuda) == 0  # explicit wins
+    assert resolve_prefetch_batches(None, cuda) == 2  # a GPU step leaves the CPU to the readers
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)
+        assert resolve_prefetch_batches(None, cpu) == 0
+        if cores > 1:
+            torch.set_num_threads(cores - 1)  # a core to spare: read in the background
+            assert resolve_prefetch_batches(None, cpu) == 2
+    finally:
+        torch.set_num_threads(before)
