@@ -19,7 +19,6 @@ import zarr
 from numcodecs.compat import ensure_ndarray_like
 from zarr.storage import LocalStore
 
-from loaders.thread_priority import lower_current_thread_priority
 
 
 class LocalChunkReader:
@@ -65,7 +64,6 @@ class LocalChunkReader:
 
         The parts are consecutive views of one new array (``row_runs.joined_parts`` gives it back without a copy).
         """
-        lower_current_thread_priority()  # runs in a worker thread of zarr's loop: decode on idle cycles
         starts, stops = np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64)
         if not self._into_buffer or np.any(np.diff(starts) < 0):
             return self._read_ranges_chunkwise(starts, stops)

@@ -18,6 +18,7 @@ import zarr
 
 from loaders.anndata_layout import MatrixElement
 from loaders.row_runs import gather_csr_rows, gather_dense_rows
+from loaders.thread_priority import lower_current_thread_priority
 from loaders.zarr_chunk_reader import LocalChunkReader
 
 
@@ -33,9 +34,15 @@ class _ArrayRanges:
     def read_direct(self, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
         return self._local.read_ranges(starts, stops)
 
+    def _read_lowered(self, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
+        # In a worker thread of zarr's loop: decode on idle cycles. Only here: ``read_direct`` runs in the thread
+        # that asks, which may be the training thread itself (inline reads, validation), never to be lowered.
+        lower_current_thread_priority()
+        return self._local.read_ranges(starts, stops)
+
     async def ranges(self, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
         if self._local is not None:
-            return await asyncio.to_thread(self._local.read_ranges, starts, stops)
+            return await asyncio.to_thread(self._read_lowered, starts, stops)
         tail = (slice(None),) * (self._ndim - 1)
         parts = await asyncio.gather(
             *(self._async.getitem((slice(int(a), int(b)), *tail)) for a, b in zip(starts, stops))

@@ -260,3 +260,28 @@ def test_local_chunk_reader_matches_zarr_for_sorted_unsorted_empty_and_fill_valu
     assert np.array_equal(joined, np.concatenate(sorted_parts))
     assert joined_parts([values[0:10], values[20:30]]) is None  # not consecutive
     assert joined_parts([values[0:10].copy(), values[10:20]]) is None  # not views of one array
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getpriority"), reason="thread nice values are Linux-only")
+def test_local_reads_leave_the_calling_threads_priority_alone(tmp_path, cite):
+    # Reads run in the thread that asks: with inline reading (and at the first validation) that is the training
+    # thread, which must keep its priority; only reader threads lower themselves.
+    import os
+    import threading
+
+    d = cite.make_cite(n=40)
+    src = ZarrSource(_store(tmp_path / "s.zarr", d))
+    seen = {}
+
+    def read():
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        rows = src.read(np.array([0, 3, 17, 39]))
+        seen["nice"] = (before, os.getpriority(os.PRIO_PROCESS, tid))
+        seen["rna"] = rows.rna.toarray()
+
+    thread = threading.Thread(target=read)  # a fresh thread, so the test process's own threads are untouched
+    thread.start()
+    thread.join()
+    assert seen["nice"][1] == seen["nice"][0]
+    assert np.array_equal(seen["rna"], d.rna[[0, 3, 17, 39]].toarray())
