@@ -203,7 +203,7 @@ class Stream(torch.utils.data.IterableDataset):
             return self._read_group(epoch, worker, g, slot)
 
         following = self.read_ahead_epoch
-        if following is not None and following != epoch and cfg.prefetch_batches and self.config.num_workers == 0:
+        if following is not None and following != epoch and cfg.prefetch_batches and cfg.num_workers == 0:
             groups = _then(groups, lambda: self._start_early(following, worker))
         groups_read = prefetch(read_group, groups, cfg.prefetch_batches, cfg.read_threads)
         batches = _cut(groups_read, slot.batch_sizes[start_batch:], skip)
@@ -219,7 +219,6 @@ class Stream(torch.utils.data.IterableDataset):
         finally:
             ready.close()
             batches.close()
-
 
     def _read_group(self, epoch: int, worker: int, g: int, slot=None) -> tuple[AlignedRows, np.ndarray]:
         """Reads I/O group ``g`` of plan worker ``worker`` in ``epoch``: its rows and the order to cut them in.

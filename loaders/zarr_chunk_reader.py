@@ -108,21 +108,26 @@ class LocalChunkReader:
         buffer = getattr(self._scratch, "buffer", None)
         if buffer is None:
             buffer = self._scratch.buffer = np.empty(self._chunks, dtype=self._dtype)
-        try:
-            raw = _read_file(os.path.join(self._dir, f"{index}{self._key_suffix}"), self._read_size)
-        except FileNotFoundError:
-            buffer.fill(self._fill)  # zarr does not write chunks that hold only the fill value
+        raw = self._raw_chunk(index)
+        if raw is None:
+            buffer.fill(self._fill)
             return buffer
         # A short last chunk (some writers store one) decodes into the buffer's front; rows past the end of the
         # array are never asked for.
         self._compressor.decode(raw, out=buffer)
         return buffer
 
-    def _chunk(self, index: int) -> np.ndarray:
+    def _raw_chunk(self, index: int) -> bytes | None:
+        """Chunk ``index``'s file as stored, or None where there is none: zarr does not write chunks that hold only
+        the fill value."""
         try:
-            raw = _read_file(os.path.join(self._dir, f"{index}{self._key_suffix}"), self._read_size)
+            return _read_file(os.path.join(self._dir, f"{index}{self._key_suffix}"), self._read_size)
         except FileNotFoundError:
-            # zarr does not write chunks that hold only the fill value.
+            return None
+
+    def _chunk(self, index: int) -> np.ndarray:
+        raw = self._raw_chunk(index)
+        if raw is None:
             return np.full(self._chunks, self._fill, dtype=self._dtype)
         buf = self._compressor.decode(raw) if self._compressor is not None else raw
         for f in reversed(self._filters):

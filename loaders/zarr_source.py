@@ -116,8 +116,9 @@ class ZarrSource(PicklesByInitArgs):
         # Remote reads: bridging a gap shorter than a chunk costs at most one extra chunk decode, against one more
         # request and decoding the shared chunk twice. Local direct reads decode each chunk once whatever the
         # ranges, so a gap is not bridged: bridged cells would only be read to be cut out again (~0.4 ms a batch).
-        local = self._rna.direct and self._protein.direct
-        self._max_gap = 0 if local else max(0, min(self._rna.chunk_cells, self._protein.chunk_cells) // 2)
+        self._local_reads = self._rna.direct and self._protein.direct
+        self._max_gap = (0 if self._local_reads
+                         else max(0, min(self._rna.chunk_cells, self._protein.chunk_cells) // 2))
         self._obs_cache: dict[str, np.ndarray] = {}
         self._obs_names: np.ndarray | None = None
         self._panel_codes: np.ndarray | None = None
@@ -176,9 +177,8 @@ class ZarrSource(PicklesByInitArgs):
         # decoded bytes (each run plus up to a chunk of every array at either end) stay within READ_BUDGET_BYTES.
         # Counted in bytes, not cells: a protein chunk holds a few hundred cells but weighs as a few RNA cells, and
         # counting it as cells split a 4,096-cell training read into three rounds (~30% slower).
-        rna, protein = self._rna, self._protein
-        cost = ((stops - starts) * (rna.bytes_per_cell + protein.bytes_per_cell)
-                + 2 * (rna.chunk_bytes + protein.chunk_bytes))
+        readers = (self._rna, self._protein)
+        cost = ((stops - starts) * sum(r.bytes_per_cell for r in readers) + 2 * sum(r.chunk_bytes for r in readers))
         group = (np.cumsum(cost) // READ_BUDGET_BYTES).astype(np.int64)
         if group[-1] == 0:
             rna, protein = self._read_runs(ids, starts, stops)
@@ -200,9 +200,8 @@ class ZarrSource(PicklesByInitArgs):
     def _read_runs(self, ids: np.ndarray, starts: np.ndarray, stops: np.ndarray):
         """RNA (CSR) and protein rows of ``ids`` covered by the runs: local chunk files decoded in this thread, other
         stores in one concurrent round of zarr reads."""
-        if self._rna.direct and self._protein.direct:
-            rna_results = self._rna.read_direct(starts, stops)
-            results = rna_results + self._protein.read_direct(starts, stops)
+        if self._local_reads:
+            results = self._rna.read_direct(starts, stops) + self._protein.read_direct(starts, stops)
         else:
             rna_requests = self._rna.requests(starts, stops)
             results = sync(_gather(rna_requests + self._protein.requests(starts, stops)))
