@@ -16,8 +16,8 @@ import gc
 class ManualGC:
     """Freezes the objects alive now, turns automatic collection off, and collects on a schedule.
 
-    Use as a context manager around the training loop; call ``step()`` after every optimiser step and
-    ``epoch_end()`` after every epoch.
+    ``start()`` before the training loop and ``stop()`` after it (or use it as a context manager); call ``step()``
+    after every optimiser step and ``epoch_end()`` after every epoch.
 
     Args:
         every: collect generations 0 and 1 every this many steps (>= 1).
@@ -31,7 +31,8 @@ class ManualGC:
         self._was_enabled = gc.isenabled()
         self._froze = False
 
-    def __enter__(self) -> ManualGC:
+    def start(self) -> ManualGC:
+        """Freezes the objects alive now and turns automatic collection off."""
         self._was_enabled = gc.isenabled()
         # A caller that froze objects itself keeps its freeze; ours would be undone with it by unfreeze().
         self._froze = gc.get_freeze_count() == 0
@@ -50,8 +51,15 @@ class ManualGC:
         """Collects everything not frozen (cyclic garbage that outlived the young generations)."""
         gc.collect()
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
+        """Restores the collector as ``start`` found it."""
         if self._froze:
             gc.unfreeze()
         if self._was_enabled:
             gc.enable()
+
+    def __enter__(self) -> ManualGC:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -340,14 +340,14 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train",
                    disable=not (tc.progress and self.dist.is_main), dynamic_ncols=True)
         self.model.train()
-        collector = ManualGC(every=100).__enter__()  # left in the finally below (the loop's try is long)
+        collector = ManualGC(every=100).start()
         try:
             while self.epoch < self.epochs and not self.stopped_early:
                 if self._resume_mid_epoch:
                     self._resume_mid_epoch = False  # the loader already skips the batches this epoch consumed
                 else:
                     self.loader.set_epoch(self.epoch)
-                # The next epoch's first reads start while this one's last batches train and it validates.
+                # Reading in the background, the next epoch's first reads start while this one's last batches train.
                 self.loader.set_read_ahead(self.epoch + 1 if self.epoch + 1 < self.epochs else None)
                 window = torch.zeros(6, dtype=torch.float64)
                 window_start = time.perf_counter()
@@ -389,7 +389,7 @@ class Trainer:
             self.checkpoints.wait(raise_error=False)  # the write in progress still lands; the error goes up
             raise
         finally:
-            collector.__exit__(None, None, None)
+            collector.stop()
             bar.close()
             preemption.uninstall()
         if self.dist.is_main:
