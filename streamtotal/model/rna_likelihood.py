@@ -7,7 +7,9 @@ element in torch) on all of them. Here forward and backward are written by hand:
 * ``log mu = h - logsumexp(h) + log l`` is exact in log space, so no ``eps``; ``sum_g x log mu`` is taken
   from the centred logits, so ``log mu`` is never materialised, and one ``exp`` gives both the softmax
   normaliser and ``mu``;
-* ``log(theta + mu)`` is computed once and reused by the backward;
+* ``log(theta + mu)`` is split as ``log theta + log1p(mu / theta)``, computed once and reused by the backward,
+  and both derivatives are written without cancellation, so the dispersion gradient stays accurate where NB
+  approaches Poisson (large theta);
 * for integer counts and one theta per gene (the training case on CPU), ``lgamma(x + theta) - lgamma(theta) -
   lgamma(x + 1)`` and ``digamma(x + theta) - digamma(theta)`` come from per-gene tables of small counts
   (count_terms.py): one gather per element instead of lgamma and a digamma series;
@@ -113,6 +115,7 @@ class _NBLogitsLogLik(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, x, logits, log_library, log_theta):
+        x = x.contiguous()  # row sums then add in the same order whatever the counts' layout
         theta = log_theta.exp()
         # log mu = (h - max h) - log s + log l with s = sum exp(h - max h); sum_g x log mu is then taken from
         # the centred logits before they are exponentiated in place into mu, so log mu is never stored.
@@ -123,20 +126,21 @@ class _NBLogitsLogLik(torch.autograd.Function):
         x_log_mu -= x.sum(dim=1) * (norm.log() - log_library)
         mu *= (log_library.exp() / norm).unsqueeze(1)
         theta_mu = mu + theta
-        log_theta_mu = theta_mu.log()
+        # log(theta + mu) = log theta + log1p(mu / theta), and theta log theta - (x + theta) log(theta + mu) =
+        # -x log theta - (x + theta) log1p(mu / theta): no two nearly equal logarithms are subtracted at large theta.
+        log1p_mu_theta = torch.log1p(mu / theta)
         x_theta = x + theta
-        ll = x_log_mu - torch.linalg.vecdot(x_theta, log_theta_mu)
-        # theta*log(theta) - lgamma(theta) lives on theta's own shape ([G] or [B, G]).
+        x_log_theta = torch.mv(x, log_theta) if log_theta.dim() == 1 else torch.linalg.vecdot(x, log_theta)
+        ll = x_log_mu - x_log_theta - torch.linalg.vecdot(x_theta, log1p_mu_theta)
         counts = CountTerms.build(x, theta, with_digamma=ctx.needs_input_grad[3])
         if counts is not None:  # integer counts, per-gene theta, CPU: C(x, theta) by table (count_terms.py)
-            ll += (theta * log_theta).sum(-1)
             ll += counts.log_coefficient
-        else:
-            ll += (theta * log_theta - torch.lgamma(theta)).sum(-1)
+        else:  # lgamma(theta) lives on theta's own shape ([G] or [B, G])
+            ll -= torch.lgamma(theta).sum(-1)
             ll += torch.lgamma(x_theta).sum(1)
             ll -= sum_lgamma_counts(x)
         ctx.counts = counts
-        ctx.save_for_backward(x, mu, theta_mu, log_theta_mu, x_theta, theta, log_theta, log_library)
+        ctx.save_for_backward(x, mu, theta_mu, log1p_mu_theta, theta, log_library)
         return ll
 
     @staticmethod
@@ -148,13 +152,17 @@ class _NBLogitsLogLik(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad):
-        x, mu, theta_mu, log_theta_mu, x_theta, theta, log_theta, log_library = ctx.saved_tensors
+        x, mu, theta_mu, log1p_mu_theta, theta, log_library = ctx.saved_tensors
         need_logits, need_library, need_theta = ctx.needs_input_grad[1:4]
         grad_logits = grad_library = grad_log_theta = None
-        ratio = x_theta / theta_mu  # (theta + x) / (theta + mu)
+        # With r = 1 / (theta + mu), both derivatives are written without cancellation (as in native/nb_kernel.c):
+        #   d ll / d log mu    = x - (x + theta) mu r = theta (x - mu) r
+        #   d ll / d log theta = theta [psi(x + theta) - psi(theta) - log1p(mu / theta) - (x - mu) r]
+        # The textbook form log theta + 1 - log(theta + mu) - (x + theta) r + ... subtracts terms near log theta + 1
+        # and, multiplied by theta, lost all precision at large theta (relative error ~1 at theta = 8,000).
+        diff_r = (x - mu).div_(theta_mu)
         if need_logits or need_library:
-            # d ll / d log(mu) = x - (theta + x) * mu / (theta + mu)
-            dlogmu = torch.addcmul(x, ratio, mu, value=-1.0)
+            dlogmu = diff_r * theta
             total = dlogmu.sum(1)
             if need_library:
                 grad_library = grad * total
@@ -163,17 +171,15 @@ class _NBLogitsLogLik(torch.autograd.Function):
                 coef = (-total * torch.exp(-log_library)).unsqueeze(1)
                 grad_logits = torch.addcmul(dlogmu, mu, coef).mul_(grad.unsqueeze(1))
         if need_theta:
-            # d ll / d theta = log theta + 1 - log(theta + mu) - ratio + psi(x + theta) - psi(theta)
             if ctx.counts is not None:  # psi(x + theta) - psi(theta) by table (count_terms.py)
-                per_elem = ratio.add_(log_theta_mu).sub_(ctx.counts.digamma_difference())
-                per_theta = log_theta + 1.0
+                per_elem = ctx.counts.digamma_difference()
             else:
-                per_elem = ratio.add_(log_theta_mu).sub_(fast_digamma(x_theta))
-                per_theta = log_theta + 1.0 - fast_digamma(theta)
+                per_elem = fast_digamma(x + theta).sub_(fast_digamma(theta))
+            per_elem = per_elem.sub_(log1p_mu_theta).sub_(diff_r)
             if theta.dim() == 1:
-                grad_theta = grad.sum() * per_theta - torch.mv(per_elem.t(), grad)
+                grad_theta = torch.mv(per_elem.t(), grad)
             else:
-                grad_theta = (per_theta - per_elem).mul_(grad.unsqueeze(1))
+                grad_theta = per_elem.mul_(grad.unsqueeze(1))
             grad_log_theta = grad_theta * theta
         return None, grad_logits, grad_library, grad_log_theta
 

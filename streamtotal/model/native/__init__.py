@@ -43,9 +43,9 @@ def applies(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor, lo
 class NBState:
     """What the backward needs from the forward."""
 
-    def __init__(self, x, mu, log_theta_mu, log_library, theta, log_theta, digamma_table) -> None:
-        self.x, self.mu, self.log_theta_mu = x, mu, log_theta_mu
-        self.log_library, self.theta, self.log_theta = log_library, theta, log_theta
+    def __init__(self, x, mu, log1p_mu_theta, log_library, theta, digamma_table) -> None:
+        self.x, self.mu, self.log1p_mu_theta = x, mu, log1p_mu_theta
+        self.log_library, self.theta = log_library, theta
         self.digamma_table = digamma_table
 
 
@@ -64,13 +64,13 @@ def nb_forward(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor,
     c_table, d_table = count_tables(theta, with_digamma=with_theta_grad)
     n, g = x.shape
     ll = torch.empty(n)
-    mu, log_theta_mu = torch.empty(n, g), torch.empty(n, g)
+    mu, log1p_mu_theta = torch.empty(n, g), torch.empty(n, g)
     bad = _nb.nb_forward(x.data_ptr(), logits.data_ptr(), log_library.data_ptr(), theta.data_ptr(),
                          log_theta.data_ptr(), c_table.data_ptr(), TABLE_WIDTH, n, g, ll.data_ptr(), mu.data_ptr(),
-                         log_theta_mu.data_ptr())
+                         log1p_mu_theta.data_ptr())
     if bad:
         return None
-    return ll, NBState(x, mu, log_theta_mu, log_library, theta, log_theta, d_table)
+    return ll, NBState(x, mu, log1p_mu_theta, log_library, theta, d_table)
 
 
 def nb_backward(grad: torch.Tensor, state: NBState, need_logits: bool, need_library: bool,
@@ -90,9 +90,9 @@ def nb_backward(grad: torch.Tensor, state: NBState, need_logits: bool, need_libr
     d_table = s.digamma_table if need_theta else None
     if need_theta and d_table is None:
         raise ValueError("nb_backward: the dispersion gradient needs nb_forward(..., with_theta_grad=True)")
-    _nb.nb_backward(grad.data_ptr(), s.x.data_ptr(), s.mu.data_ptr(), s.log_theta_mu.data_ptr(),
-                    s.log_library.data_ptr(), s.theta.data_ptr(), s.log_theta.data_ptr(),
-                    0 if d_table is None else d_table.data_ptr(), TABLE_WIDTH, n, g,
+    _nb.nb_backward(grad.data_ptr(), s.x.data_ptr(), s.mu.data_ptr(), s.log1p_mu_theta.data_ptr(),
+                    s.log_library.data_ptr(), s.theta.data_ptr(), 0 if d_table is None else d_table.data_ptr(),
+                    TABLE_WIDTH, n, g,
                     0 if grad_logits is None else grad_logits.data_ptr(),
                     0 if grad_library is None else grad_library.data_ptr(),
                     0 if grad_log_theta is None else grad_log_theta.data_ptr())
