@@ -38,9 +38,9 @@ from streamtotal.model.config import ModelConfig
 from streamtotal.model.label_classifier import LabelClassifier, add_classification_loss
 from streamtotal.model.label_prior import LabelConditionalPrior
 from streamtotal.model.layers import CovariateLinear, FCStack
-from streamtotal.model.likelihoods import log_nb_mixture_from_log_means
 from streamtotal.model.outputs import GenerativeOutputs, InferenceOutputs, LossOutput
 from streamtotal.model.protein_prior import FIXED_BACKGROUND_MEAN, FIXED_BACKGROUND_SCALE
+from streamtotal.model.protein_terms import protein_terms
 from streamtotal.model.rna_likelihood import nb_log_likelihood_from_logits
 
 VAR_EPS = 1e-4
@@ -317,30 +317,17 @@ class TotalVI(nn.Module):
         Returns:
             The loss output.
         """
-        mask = batch.protein_mask
         rna_nll = -nb_log_likelihood_from_logits(batch.rna, generative.rna_logits, generative.log_library,
                                                  generative.rna_log_theta)
-        # Unmeasured entries are replaced before the likelihood so that whatever they hold cannot make a NaN
-        # that would leak into gradients through the masked-out branch.
-        protein = torch.where(mask, batch.protein, 0.0)
-        protein_ll = log_nb_mixture_from_log_means(
-            protein, generative.log_back, generative.log_back + generative.fore_scale.log(),
-            generative.protein_theta.log(), generative.mix_logits,
-        )
-        protein_nll = -torch.where(mask, protein_ll, 0.0).sum(dim=1)
-
         inf = inference
         kl_z = 0.5 * (inf.qz_var + inf.qz_mean.square() - 1.0 - inf.qz_var.log()).sum(dim=1)
-
-        prior_mean = self.background_prior_mean.index_select(0, batch.batch)
-        prior_log_scale = self.background_prior_log_scale.index_select(0, batch.batch)
-        prior_var = (2.0 * prior_log_scale).exp()
-        kl_back = (
-            prior_log_scale - generative.back_scale.log()
-            + (generative.back_scale.square() + (generative.back_mean - prior_mean).square()) / (2.0 * prior_var)
-            - 0.5
+        # Unmeasured proteins (protein_mask False) enter neither the likelihood nor the background KL.
+        protein_nll, kl_background = protein_terms(
+            batch.protein, batch.protein_mask, generative.log_back, generative.back_scale, generative.back_mean,
+            generative.fore_scale, generative.mix_logits, generative.protein_theta,
+            self.background_prior_mean.index_select(0, batch.batch),
+            self.background_prior_log_scale.index_select(0, batch.batch),
         )
-        kl_background = torch.where(mask, kl_back, 0.0).sum(dim=1)
 
         if self.config.latent_library:
             lib_mean = self.library_log_mean.index_select(0, batch.batch)

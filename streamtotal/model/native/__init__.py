@@ -1,13 +1,16 @@
-"""Compiled CPU kernels of the RNA likelihood (nb_kernel.c), with the checks the C code relies on.
+"""Compiled CPU kernels of the RNA likelihood (nb_kernel.c) and of the protein terms (protein_kernel.c), with the
+checks the C code relies on.
 
 The per-cell NB log-likelihood is most of a CPU training step's non-matmul time when written in torch operations
 (about 25 passes over the [B, G] tensors, ~5 ms of a ~20 ms step at B = 256, G = 2,000). The kernels do it in
 three passes forward and two backward over OpenMP threads (~1.5 ms), giving the same values to float32 rounding
-(tests/model/test_native_kernels.py; they are closer to a float64 reference than the torch path).
+(tests/model/test_native_kernels.py; they are closer to a float64 reference than the torch path). The protein NB
+mixture and background KL take ~160 small torch operations forward and backward (~1.7 ms); the kernel does them in
+one pass each way (~0.5 ms; tests/model/test_protein_terms.py).
 
 The extension is built at install (setup.py) and is optional: without a C compiler the install succeeds and
-``available()`` is False, and rna_likelihood.py uses its torch operations. ``STREAMTOTAL_NATIVE=0`` turns it off.
-"""
+``available()`` is False, and rna_likelihood.py and protein_terms.py use their torch operations.
+``STREAMTOTAL_NATIVE=0`` turns it off."""
 
 from __future__ import annotations
 
@@ -28,8 +31,11 @@ assert TABLE_WIDTH >= MIN_WIDTH
 
 
 def available() -> bool:
-    """Whether the compiled kernels are installed and not turned off (``STREAMTOTAL_NATIVE=0``)."""
-    return _nb is not None and os.environ.get("STREAMTOTAL_NATIVE", "1") != "0"
+    """Whether the compiled kernels are installed, not turned off (``STREAMTOTAL_NATIVE=0``), and not being traced by
+    ``torch.compile``: dynamo would run a C call at trace time, on fake tensors, and leave its outputs uninitialised
+    in the compiled graph (inductor fuses the torch path's operations there instead)."""
+    return (_nb is not None and os.environ.get("STREAMTOTAL_NATIVE", "1") != "0"
+            and not torch.compiler.is_compiling())
 
 
 def applies(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor, log_theta: torch.Tensor) -> bool:
@@ -97,3 +103,64 @@ def nb_backward(grad: torch.Tensor, state: NBState, need_logits: bool, need_libr
                     0 if grad_library is None else grad_library.data_ptr(),
                     0 if grad_log_theta is None else grad_log_theta.data_ptr())
     return grad_logits, grad_library, grad_log_theta
+
+
+PROTEIN_LOCAL_TERMS = 7
+"""Elementwise derivatives the protein forward stores for its backward (see protein_kernel.c)."""
+
+
+def protein_applies(*tensors: torch.Tensor) -> bool:
+    """Whether the protein kernels can compute this call: all CPU float32 tensors (the mask excepted)."""
+    return available() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+class ProteinState:
+    """What the protein backward needs from the forward."""
+
+    def __init__(self, local: torch.Tensor, theta_stride: int) -> None:
+        self.local, self.theta_stride = local, theta_stride
+
+
+def protein_forward(y: torch.Tensor, mask: torch.Tensor, log_back: torch.Tensor, back_scale: torch.Tensor,
+                    back_mean: torch.Tensor, fore_scale: torch.Tensor, mix_logits: torch.Tensor,
+                    theta: torch.Tensor, prior_mean: torch.Tensor, prior_log_scale: torch.Tensor,
+                    with_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, ProteinState | None]:
+    """Per-cell protein negative log-likelihood and background KL, and the backward's state (None without
+    ``with_grad``). Call only where ``protein_applies`` is True.
+
+    Args:
+        y: ``[B, T]`` counts (any value where unmeasured).
+        mask: ``[B, T]`` bool, True where measured.
+        log_back, back_scale, back_mean, fore_scale, mix_logits, prior_mean, prior_log_scale: ``[B, T]``.
+        theta: ``[T]`` (one per protein) or ``[B, T]``.
+        with_grad: store the elementwise derivatives for ``protein_backward``.
+    """
+    n, t = y.shape
+    on = mask.to(torch.float32)
+    y = torch.where(mask, y, 0.0)  # an unmeasured entry may hold anything (NaN too); the kernel needs a finite count
+    args = [a.detach().contiguous() for a in (log_back, back_scale, back_mean, fore_scale, mix_logits, theta,
+                                              prior_mean, prior_log_scale)]
+    theta_stride = 0 if theta.dim() == 1 else t
+    nll, kl = torch.empty(n), torch.empty(n)
+    local = torch.empty(PROTEIN_LOCAL_TERMS, n, t) if with_grad else None
+    lb, s, m, a, pi, th, pm, pls = args
+    _nb.protein_forward(y.data_ptr(), on.data_ptr(), lb.data_ptr(), s.data_ptr(), m.data_ptr(), a.data_ptr(),
+                        pi.data_ptr(), th.data_ptr(), theta_stride, pm.data_ptr(), pls.data_ptr(), n, t,
+                        nll.data_ptr(), kl.data_ptr(), 0 if local is None else local.data_ptr())
+    return nll, kl, (ProteinState(local, theta_stride) if with_grad else None)
+
+
+def protein_backward(grad_nll: torch.Tensor, grad_kl: torch.Tensor, state: ProteinState,
+                     needs: tuple[bool, ...]) -> list[torch.Tensor | None]:
+    """Gradients with respect to (log_back, back_scale, back_mean, fore_scale, mix_logits, theta, prior_mean,
+    prior_log_scale), None where ``needs`` says not needed; theta's has theta's shape."""
+    _, n, t = state.local.shape
+    grad_nll = grad_nll.detach().to(torch.float32).contiguous()
+    grad_kl = grad_kl.detach().to(torch.float32).contiguous()
+    lb, s, m, a, pi, th, pm, pls = (
+        (torch.empty(t) if i == 5 and state.theta_stride == 0 else torch.empty(n, t)) if need else None
+        for i, need in enumerate(needs)
+    )
+    _nb.protein_backward(grad_nll.data_ptr(), grad_kl.data_ptr(), state.local.data_ptr(), state.theta_stride, n, t,
+                         *(0 if g is None else g.data_ptr() for g in (lb, a, pi, th, s, m, pm, pls)))
+    return [lb, s, m, a, pi, th, pm, pls]

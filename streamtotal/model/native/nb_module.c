@@ -1,4 +1,4 @@
-/* Python binding of nb_kernel.c: tensors are passed as data pointers (the Python side checks dtype, device,
+/* Python binding of nb_kernel.c (RNA) and protein_kernel.c (protein): tensors are passed as data pointers (the Python side checks dtype, device,
  * contiguity and shapes, see streamtotal/model/native/__init__.py), and the GIL is released while the kernels run. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -10,6 +10,13 @@ int nb_forward(const float *x, const float *h, const float *log_lib, const float
 int nb_backward(const float *grad, const float *x, const float *mu, const float *log1p_mu_theta,
                  const float *log_lib, const float *theta, const double *d_table, int64_t width, int64_t n_rows,
                  int64_t n_genes, float *grad_h, float *grad_log_lib, float *grad_log_theta);
+void protein_forward(const float *y, const float *mask, const float *log_back, const float *back_scale,
+                     const float *back_mean, const float *fore_scale, const float *mix_logits, const float *theta,
+                     int64_t theta_stride, const float *prior_mean, const float *prior_log_scale, int64_t n_rows,
+                     int64_t n_prot, float *nll, float *kl, float *local);
+void protein_backward(const float *grad_nll, const float *grad_kl, const float *local, int64_t theta_stride,
+                      int64_t n_rows, int64_t n_prot, float *g_lb, float *g_a, float *g_pi, float *g_theta,
+                      float *g_s, float *g_m, float *g_pm, float *g_pls);
 
 #define PTR(T, v) ((T *)(uintptr_t)(v))
 
@@ -44,6 +51,35 @@ static PyObject *py_nb_backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_protein_forward(PyObject *self, PyObject *args) {
+    unsigned long long y, mask, lb, s, m, a, pi, theta, pm, pls, nll, kl, local;
+    long long theta_stride, n_rows, n_prot;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKLKKLLKKK", &y, &mask, &lb, &s, &m, &a, &pi, &theta, &theta_stride, &pm, &pls,
+                          &n_rows, &n_prot, &nll, &kl, &local))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    protein_forward(PTR(const float, y), PTR(const float, mask), PTR(const float, lb), PTR(const float, s),
+                    PTR(const float, m), PTR(const float, a), PTR(const float, pi), PTR(const float, theta),
+                    theta_stride, PTR(const float, pm), PTR(const float, pls), n_rows, n_prot, PTR(float, nll),
+                    PTR(float, kl), PTR(float, local));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_protein_backward(PyObject *self, PyObject *args) {
+    unsigned long long g_nll, g_kl, local, g_lb, g_a, g_pi, g_theta, g_s, g_m, g_pm, g_pls;
+    long long theta_stride, n_rows, n_prot;
+    if (!PyArg_ParseTuple(args, "KKKLLLKKKKKKKK", &g_nll, &g_kl, &local, &theta_stride, &n_rows, &n_prot, &g_lb,
+                          &g_a, &g_pi, &g_theta, &g_s, &g_m, &g_pm, &g_pls))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    protein_backward(PTR(const float, g_nll), PTR(const float, g_kl), PTR(const float, local), theta_stride, n_rows,
+                     n_prot, PTR(float, g_lb), PTR(float, g_a), PTR(float, g_pi), PTR(float, g_theta),
+                     PTR(float, g_s), PTR(float, g_m), PTR(float, g_pm), PTR(float, g_pls));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"nb_forward", py_nb_forward, METH_VARARGS,
      "nb_forward(x, h, log_lib, theta, log_theta, c_table, width, n_rows, n_genes, ll, mu, log1p_mu_theta) -> "
@@ -51,9 +87,15 @@ static PyMethodDef methods[] = {
     {"nb_backward", py_nb_backward, METH_VARARGS,
      "nb_backward(grad, x, mu, log1p_mu_theta, log_lib, theta, d_table, width, n_rows, n_genes, grad_h, "
      "grad_log_lib, grad_log_theta) (pointers as ints; 0 = output not wanted)"},
+    {"protein_forward", py_protein_forward, METH_VARARGS,
+     "protein_forward(y, mask, log_back, back_scale, back_mean, fore_scale, mix_logits, theta, theta_stride, "
+     "prior_mean, prior_log_scale, n_rows, n_prot, nll, kl, local) (pointers as ints; local 0 = no derivatives)"},
+    {"protein_backward", py_protein_backward, METH_VARARGS,
+     "protein_backward(grad_nll, grad_kl, local, theta_stride, n_rows, n_prot, g_lb, g_a, g_pi, g_theta, g_s, g_m, "
+     "g_pm, g_pls) (pointers as ints; 0 = gradient not wanted)"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_nb", "Fused NB likelihood kernels (CPU).", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_nb", "Fused NB and NB-mixture likelihood kernels (CPU).", -1, methods};
 
 PyMODINIT_FUNC PyInit__nb(void) { return PyModule_Create(&module); }
