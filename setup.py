@@ -1,4 +1,4 @@
-"""The optional compiled part of streamtotal: the fused CPU kernels of the RNA and protein likelihoods.
+"""The optional compiled part of streamtotal: the fused CPU kernels of the likelihoods and two layers.
 
 Everything else is in pyproject.toml. The extension is optional: where it cannot be built (no C compiler, no
 OpenMP), the install still succeeds and streamtotal computes the likelihood with torch operations instead
@@ -12,7 +12,7 @@ setup(
         Extension(
             "streamtotal.model.native._nb",
             sources=["streamtotal/model/native/nb_kernel.c", "streamtotal/model/native/protein_kernel.c",
-                     "streamtotal/model/native/nb_module.c"],
+                     "streamtotal/model/native/layer_kernel.c", "streamtotal/model/native/nb_module.c"],
             # -ffast-math lets GCC call glibc's vectorised exp/log; the RNA kernel checks counts from their bits.
             extra_compile_args=["-O3", "-ffast-math", "-fopenmp", "-std=c11"],
             extra_link_args=["-fopenmp"],

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streamtotal.model import native
+
 BN_MOMENTUM = 0.01
 """Batch-norm momentum of scvi-tools (from the original TensorFlow implementation)."""
 BN_EPS = 1e-3
@@ -75,13 +77,33 @@ class CovariateLinear(nn.Module):
         return out
 
 
+class _NativeDropout(torch.autograd.Function):
+    """Dropout by the compiled kernel (native/layer_kernel.c); the backward multiplies by the same mask."""
+
+    @staticmethod
+    def forward(ctx, x, threshold: int, scale: float):  # noqa: D102 - see Dropout
+        # The kernel's random stream is a hash of this seed, drawn from torch's generator: seeded runs repeat, and a
+        # checkpoint (which saves torch's RNG state) resumes the same masks.
+        seed = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None))
+        out, keep_scale = native.dropout_forward(x, threshold, scale, seed)
+        ctx.save_for_backward(keep_scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        (keep_scale,) = ctx.saved_tensors
+        return grad * keep_scale, None, None
+
+
 class Dropout(nn.Module):
     """Inverted dropout with a cheaper random mask on CPU (same distribution as ``nn.Dropout`` up to 2^-16).
 
     On CPU, ``nn.Dropout`` draws one Bernoulli per element (~8 ns each, ~2 ms on a [256, 1024] activation:
-    more than the layer's matmul). Here each 64-bit random word gives four 16-bit uniforms, and an element is
-    kept when its uniform is at or above ``round(p * 2^16)``; kept values are scaled by the exact inverse of
-    the keep probability, so the layer is unbiased. Elsewhere (CUDA) ``F.dropout``'s fused kernel is used.
+    more than the layer's matmul). Here an element is kept when a 16-bit uniform is at or above
+    ``round(p * 2^16)``, and kept values are scaled by the exact inverse of the keep probability, so the layer is
+    unbiased. With the compiled kernels (float32) the uniforms come from a counter-based hash in one pass over the
+    activation; otherwise each 64-bit word from torch's generator gives four of them. Elsewhere (CUDA)
+    ``F.dropout``'s fused kernel is used.
 
     Args:
         p: drop probability in [0, 1).
@@ -90,8 +112,8 @@ class Dropout(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        self._threshold = round(p * 65536) - 32768  # compared with int16 lanes, uniform on [-32768, 32767]
-        self._scale = 65536.0 / (32768 - self._threshold)  # 1 / P(keep)
+        self._threshold = round(p * 65536)  # an element is kept when its uniform on [0, 65535] is >= this
+        self._scale = 65536.0 / (65536 - self._threshold)  # 1 / P(keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Drops (training mode) or passes ``x`` through (eval mode)."""
@@ -99,9 +121,12 @@ class Dropout(nn.Module):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
+        if native.float32_cpu(x):
+            return _NativeDropout.apply(x, self._threshold, self._scale)
         n = x.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
-        keep = words.view(torch.int16)[:n].view(x.shape) >= self._threshold
+        # int16 lanes are uniform on [-32768, 32767]: shift the threshold into that range
+        keep = words.view(torch.int16)[:n].view(x.shape) >= self._threshold - 32768
         return x * keep.to(x.dtype).mul_(self._scale)
 
 

@@ -260,3 +260,25 @@ def test_mixed_precision_autocast_keeps_the_likelihood_in_float32():
     assert torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     torch.testing.assert_close(out.neg_elbo, run(model, batch).neg_elbo, rtol=0.05, atol=5.0)
+
+
+@pytest.mark.parametrize("config", [
+    {},  # scaled, log1p, protein mean over the measured ones
+    {"protein_input_mean": "all"},
+    {"scale_encoder_input": False},
+    {"log_variational": False},
+])
+def test_compiled_encoder_input_equals_the_torch_operations(monkeypatch, config):
+    from streamtotal.model import native
+
+    if not native.available():
+        pytest.skip("compiled kernels not built")
+    batch = make_batch(n=40, scale=30.0)
+    protein = batch.protein.clone()
+    protein[~batch.protein_mask] = float("nan")  # unmeasured entries may hold anything
+    model = make_model(**config)
+    fast = model._encoder_input(batch.rna, protein, batch.protein_mask)
+    monkeypatch.setenv("STREAMTOTAL_NATIVE", "0")
+    slow = model._encoder_input(batch.rna, protein, batch.protein_mask)
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, slow, rtol=2e-6, atol=2e-6)

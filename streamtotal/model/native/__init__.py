@@ -1,5 +1,5 @@
-"""Compiled CPU kernels of the RNA likelihood (nb_kernel.c) and of the protein terms (protein_kernel.c), with the
-checks the C code relies on.
+"""Compiled CPU kernels of the RNA likelihood (nb_kernel.c), the protein terms (protein_kernel.c), the encoder input
+and dropout (layer_kernel.c), with the checks the C code relies on.
 
 The per-cell NB log-likelihood is most of a CPU training step's non-matmul time when written in torch operations
 (about 25 passes over the [B, G] tensors, ~5 ms of a ~20 ms step at B = 256, G = 2,000). The kernels do it in
@@ -9,7 +9,8 @@ mixture and background KL take ~160 small torch operations forward and backward 
 one pass each way (~0.5 ms; tests/model/test_protein_terms.py).
 
 The extension is built at install (setup.py) and is optional: without a C compiler the install succeeds and
-``available()`` is False, and rna_likelihood.py and protein_terms.py use their torch operations.
+``available()`` is False, and the callers (rna_likelihood.py, protein_terms.py, totalvi.py, layers.py) use torch
+operations.
 ``STREAMTOTAL_NATIVE=0`` turns it off."""
 
 from __future__ import annotations
@@ -164,3 +165,33 @@ def protein_backward(grad_nll: torch.Tensor, grad_kl: torch.Tensor, state: Prote
     _nb.protein_backward(grad_nll.data_ptr(), grad_kl.data_ptr(), state.local.data_ptr(), state.theta_stride, n, t,
                          *(0 if g is None else g.data_ptr() for g in (lb, a, pi, th, s, m, pm, pls)))
     return [lb, s, m, a, pi, th, pm, pls]
+
+
+def float32_cpu(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors: compiled kernels available and all CPU float32."""
+    return available() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def encoder_input(rna: torch.Tensor, protein: torch.Tensor, measured: torch.Tensor, scale: bool,
+                  log_transform: bool) -> torch.Tensor:
+    """``[B, G + T]``: ``[f(rna / (1 + row mean)), f(protein / (1 + row sum / measured))]`` with f = log1p (or the
+    identity), the divisions only with ``scale``. ``protein`` must be 0 where unmeasured; ``measured``: ``[B]``
+    float32, >= 1. Call only where ``float32_cpu`` holds for the inputs."""
+    rna, protein, measured = (t.detach().contiguous() for t in (rna, protein, measured))
+    (n, g), t = rna.shape, protein.shape[1]
+    out = torch.empty(n, g + t)
+    _nb.encoder_input(rna.data_ptr(), protein.data_ptr(), measured.data_ptr(), n, g, t, int(scale), int(log_transform),
+                      out.data_ptr())
+    return out
+
+
+def dropout_forward(x: torch.Tensor, threshold: int, scale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x * keep * scale, keep * scale)`` with keep drawn from ``seed`` (64 bits; see layer_kernel.c): an element
+    is kept when its 16-bit uniform is >= ``threshold``. Call only where ``float32_cpu(x)`` holds."""
+    x = x.detach().contiguous()
+    if x.numel() >= 1 << 32:
+        raise ValueError(f"native dropout takes < 2^32 elements, got {x.numel()}")
+    out, keep_scale = torch.empty_like(x), torch.empty_like(x)
+    _nb.dropout_forward(x.data_ptr(), x.numel(), threshold, scale, seed & (2**64 - 1), out.data_ptr(),
+                        keep_scale.data_ptr())
+    return out, keep_scale

@@ -1,4 +1,4 @@
-/* Python binding of nb_kernel.c (RNA) and protein_kernel.c (protein): tensors are passed as data pointers (the Python side checks dtype, device,
+/* Python binding of nb_kernel.c (RNA), protein_kernel.c (protein) and layer_kernel.c (encoder input, dropout): tensors are passed as data pointers (the Python side checks dtype, device,
  * contiguity and shapes, see streamtotal/model/native/__init__.py), and the GIL is released while the kernels run. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -17,6 +17,10 @@ void protein_forward(const float *y, const float *mask, const float *log_back, c
 void protein_backward(const float *grad_nll, const float *grad_kl, const float *local, int64_t theta_stride,
                       int64_t n_rows, int64_t n_prot, float *g_lb, float *g_a, float *g_pi, float *g_theta,
                       float *g_s, float *g_m, float *g_pm, float *g_pls);
+void encoder_input(const float *rna, const float *protein, const float *measured, int64_t n_rows, int64_t n_genes,
+                   int64_t n_prot, int scale, int log_transform, float *out);
+void dropout_forward(const float *x, int64_t n, uint32_t threshold, float scale, uint64_t seed, float *out,
+                     float *keep_scale);
 
 #define PTR(T, v) ((T *)(uintptr_t)(v))
 
@@ -80,6 +84,32 @@ static PyObject *py_protein_backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_encoder_input(PyObject *self, PyObject *args) {
+    unsigned long long rna, protein, measured, out;
+    long long n_rows, n_genes, n_prot;
+    int scale, log_transform;
+    if (!PyArg_ParseTuple(args, "KKKLLLiiK", &rna, &protein, &measured, &n_rows, &n_genes, &n_prot, &scale,
+                          &log_transform, &out))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    encoder_input(PTR(const float, rna), PTR(const float, protein), PTR(const float, measured), n_rows, n_genes,
+                  n_prot, scale, log_transform, PTR(float, out));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_dropout_forward(PyObject *self, PyObject *args) {
+    unsigned long long x, seed, out, keep_scale;
+    long long n;
+    unsigned int threshold;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KLIfKKK", &x, &n, &threshold, &scale, &seed, &out, &keep_scale)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    dropout_forward(PTR(const float, x), n, threshold, scale, seed, PTR(float, out), PTR(float, keep_scale));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"nb_forward", py_nb_forward, METH_VARARGS,
      "nb_forward(x, h, log_lib, theta, log_theta, c_table, width, n_rows, n_genes, ll, mu, log1p_mu_theta) -> "
@@ -93,9 +123,13 @@ static PyMethodDef methods[] = {
     {"protein_backward", py_protein_backward, METH_VARARGS,
      "protein_backward(grad_nll, grad_kl, local, theta_stride, n_rows, n_prot, g_lb, g_a, g_pi, g_theta, g_s, g_m, "
      "g_pm, g_pls) (pointers as ints; 0 = gradient not wanted)"},
+    {"encoder_input", py_encoder_input, METH_VARARGS,
+     "encoder_input(rna, protein, measured, n_rows, n_genes, n_prot, scale, log_transform, out) (pointers as ints)"},
+    {"dropout_forward", py_dropout_forward, METH_VARARGS,
+     "dropout_forward(x, n, threshold, scale, seed, out, keep_scale) (pointers as ints)"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_nb", "Fused NB and NB-mixture likelihood kernels (CPU).", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_nb", "Fused CPU kernels of totalVI's likelihoods and layers.", -1, methods};
 
 PyMODINIT_FUNC PyInit__nb(void) { return PyModule_Create(&module); }
