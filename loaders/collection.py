@@ -15,6 +15,7 @@ import scipy.sparse as sp
 from loaders.aligned_rows import AlignedRows
 from loaders.alignment import GENE_JOINS, check_overlap, index_map, reference_genes, union_in_order
 from loaders.citebatch import CiteBatch
+from loaders.count_validation import all_valid_counts
 from loaders.covariates import batch_codes, label_codes
 from loaders.errors import AlignmentError, AlignmentWarning, ConfigError, InvalidCountsError, StoreFormatError
 from loaders.ids import check_ids
@@ -333,9 +334,12 @@ class Collection:
     def _check_counts(source: Source, rna: sp.csr_matrix, protein: np.ndarray, gids: np.ndarray, offset: int) -> None:
         """Refuses NaN, infinite or negative counts, naming study, cell and column (NaN losses start here)."""
         for what, values in (("RNA", rna.data), ("protein", protein.reshape(-1))):
-            ok = (values >= 0) & (values < np.inf)
-            if ok.all():
+            # Reductions first (one min of int32 counts, ~15x cheaper than elementwise masks on a training read);
+            # the mask only to name the offender.
+            if all_valid_counts(values):
                 continue
+            with np.errstate(invalid="ignore"):
+                ok = (values >= 0) & (values < np.inf)
             i = int(np.flatnonzero(~ok)[0])
             if what == "RNA":
                 row = int(np.searchsorted(rna.indptr, i, side="right") - 1)

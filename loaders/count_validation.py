@@ -55,7 +55,7 @@ def validate_counts(
     else:
         block = np.asarray(matrix_block)
         values = block
-    if values.size == 0 or _all_valid(values, require_integer):
+    if all_valid_counts(values, require_integer):
         return
     bad = _bad_mask(values, require_integer)
     first = int(np.flatnonzero(bad.ravel())[0])
@@ -100,12 +100,14 @@ def validate_rows(rows, *, study: str, gene_names, protein_names, row_ids, cell_
                         row_ids=row_ids, require_integer=False, source_path=source_path)
 
 
-def _all_valid(values: np.ndarray, require_integer: bool) -> bool:
-    if values.dtype.kind in "ui":
+def all_valid_counts(values: np.ndarray, require_integer: bool = False) -> bool:
+    """Whether every value is a finite, non-negative count (and an integer, with ``require_integer``): one or two
+    reductions, no temporaries; use ``_bad_mask`` to locate the offenders when it is False."""
+    if values.size == 0 or values.dtype.kind in "ub":
         return True
-    if values.dtype.kind == "b":
-        return True
-    if values.dtype.kind not in "fi":
+    if values.dtype.kind == "i":  # integers are finite; signed ones can still be negative
+        return bool(values.min() >= 0)
+    if values.dtype.kind != "f":
         values = values.astype(np.float64)
     lo, hi = values.min(), values.max()
     # min/max propagate NaN, so one comparison pair catches NaN, -inf, +inf and negatives.

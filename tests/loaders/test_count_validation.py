@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from loaders.count_validation import validate_counts
+from loaders.count_validation import all_valid_counts, validate_counts
 from loaders.errors import InvalidCountsError
 
 CELLS = [f"cell{i}" for i in range(4)]
@@ -77,3 +77,19 @@ def test_other_sparse_formats_are_located_correctly():
     block = sp.coo_matrix(_block(-2.0, row=0, col=2))
     with pytest.raises(InvalidCountsError, match="'cell0'.*gene 'NKG7'"):
         validate_counts(block, study="s", modality="rna", cell_names=CELLS, feature_names=GENES)
+
+
+@pytest.mark.parametrize("values, expected", [
+    (np.array([0, 3, 7], dtype=np.int32), True),
+    (np.array([0, -3, 7], dtype=np.int32), False),  # signed integers can be negative
+    (np.array([0, 3, 7], dtype=np.uint16), True),
+    (np.array([0.0, 2.5], dtype=np.float32), True),
+    (np.array([0.0, np.nan], dtype=np.float32), False),
+    (np.array([np.inf, 1.0]), False),
+    (np.array([-np.inf, 1.0]), False),
+    (np.array([-0.5, 1.0]), False),
+    (np.zeros(0, dtype=np.float32), True),
+])
+def test_all_valid_counts_by_reductions(values, expected):
+    assert all_valid_counts(values) is expected
+    assert all_valid_counts(np.array([1.5], dtype=np.float32), require_integer=True) is False
