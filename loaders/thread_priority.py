@@ -39,3 +39,8 @@ def lower_current_thread_priority() -> bool:
                 pass
         _local.lowered = done
     return done
+
+
+def current_thread_lowered() -> bool:
+    """Whether ``lower_current_thread_priority`` lowered the calling thread."""
+    return bool(getattr(_local, "lowered", False))

@@ -2,15 +2,16 @@
 
 Remote (and other non-direct) arrays go through zarr's async API: ``requests`` hands back one coroutine per
 underlying array so that a Source gathers every array of every modality in one event-loop round trip, and their
-latencies overlap. Local zarr v2 arrays are decoded by ``LocalChunkReader`` in the calling thread
-(``read_direct``): the reader thread of the Stream already runs beside training, and on a busy machine the event
-loop and thread hand-offs cost more than decoding the arrays in parallel gains.
+latencies overlap. Local zarr v2 arrays are decoded by ``LocalChunkReader`` without the event loop
+(``direct_reads``, one call per array, which the source spreads over its thread and one helper): on a busy machine
+the event loop's hand-offs cost more than they overlap.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import functools
+from collections.abc import Callable, Coroutine
 
 import numpy as np
 import scipy.sparse as sp
@@ -81,7 +82,7 @@ class ZarrMatrixReader:
 
     @property
     def n_arrays(self) -> int:
-        """Underlying arrays, i.e. entries of what ``requests`` / ``read_direct`` give."""
+        """Underlying arrays, i.e. entries of what ``requests`` / ``direct_reads`` give."""
         return len(self._arrays)
 
     @property
@@ -97,12 +98,13 @@ class ZarrMatrixReader:
             return [a.ranges(lo, hi) for a in self._arrays]
         return [a.ranges(starts, stops) for a in self._arrays]
 
-    def read_direct(self, starts: np.ndarray, stops: np.ndarray) -> list[list[np.ndarray]]:
-        """What ``requests`` gives, read in the calling thread (only when ``direct``): for local chunk files the
-        event loop and thread hand-offs cost more than they overlap on a busy machine (~0.3 ms a training batch)."""
+    def direct_reads(self, starts: np.ndarray, stops: np.ndarray) -> list[Callable[[], list[np.ndarray]]]:
+        """What ``requests`` gives, as one call per array that reads it without zarr's event loop (only when
+        ``direct``): for local chunk files its hand-offs cost more than they overlap on a busy machine (~0.3 ms a
+        training batch). The caller runs them (``split_reads.run_split`` spreads them over two threads)."""
         if self.kind == "csr":
             starts, stops = self.indptr[starts], self.indptr[stops]
-        return [a.read_direct(starts, stops) for a in self._arrays]
+        return [functools.partial(a.read_direct, starts, stops) for a in self._arrays]
 
     def assemble_csr(self, results: list, ids, starts, stops) -> sp.csr_matrix:
         """Returns the ``ids`` rows as float32 CSR from the results of ``requests``."""

@@ -30,6 +30,7 @@ from loaders.ids import check_ids
 from loaders.row_runs import coalesce_runs
 from loaders.protein_panels import checked_panel_codes
 from loaders.source import PicklesByInitArgs, SourceRows
+from loaders.split_reads import run_split
 from loaders.store_layout import PROTEIN_OBSM_KEY
 from loaders.zarr_matrix_reader import ZarrMatrixReader
 
@@ -198,10 +199,11 @@ class ZarrSource(PicklesByInitArgs):
         return rows
 
     def _read_runs(self, ids: np.ndarray, starts: np.ndarray, stops: np.ndarray):
-        """RNA (CSR) and protein rows of ``ids`` covered by the runs: local chunk files decoded in this thread, other
-        stores in one concurrent round of zarr reads."""
+        """RNA (CSR) and protein rows of ``ids`` covered by the runs: local chunk files decoded in this thread and a
+        helper (split_reads.py), other stores in one concurrent round of zarr reads."""
         if self._local_reads:
-            results = self._rna.read_direct(starts, stops) + self._protein.read_direct(starts, stops)
+            # RNA data first: the largest array goes to the helper, indices and protein stay here.
+            results = run_split(self._rna.direct_reads(starts, stops) + self._protein.direct_reads(starts, stops))
         else:
             rna_requests = self._rna.requests(starts, stops)
             results = sync(_gather(rna_requests + self._protein.requests(starts, stops)))
