@@ -163,3 +163,16 @@ def test_dispersion_gradient_is_accurate_where_nb_is_nearly_poisson(monkeypatch,
     want = leaves[2].grad
     relative = (grads[2].double() - want).abs() / (want.abs() + 1e-3)
     assert relative.max() < 2e-3, f"worst gene {int(relative.argmax())}: {float(relative.max()):.2e}"
+
+
+@needs_native
+def test_native_count_tables_equal_count_terms():
+    from streamtotal.model.count_terms import TABLE_WIDTH, count_tables
+
+    theta = torch.tensor([0.02, 0.7, 1.0, 3.3, 90.0, 5000.0] * 50)  # 300 genes: more than one block of 256
+    c_want, d_want = count_tables(theta)
+    c_got = torch.empty(300, TABLE_WIDTH, dtype=torch.float64)
+    d_got = torch.empty(300, TABLE_WIDTH, dtype=torch.float64)
+    native._nb.nb_tables(theta.data_ptr(), 300, TABLE_WIDTH, c_got.data_ptr(), d_got.data_ptr())
+    torch.testing.assert_close(c_got, c_want, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(d_got, d_want, rtol=1e-12, atol=1e-12)

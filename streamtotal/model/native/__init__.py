@@ -19,7 +19,7 @@ import os
 
 import torch  # first: the extension then shares torch's OpenMP runtime (and its thread count)
 
-from streamtotal.model.count_terms import TABLE_WIDTH, count_tables
+from streamtotal.model.count_terms import TABLE_WIDTH
 
 try:
     from streamtotal.model.native import _nb
@@ -68,8 +68,10 @@ def nb_forward(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor,
     """
     x, logits, log_library, log_theta = (t.detach().contiguous() for t in (x, logits, log_library, log_theta))
     theta = log_theta.exp()
-    c_table, d_table = count_tables(theta, with_digamma=with_theta_grad)
     n, g = x.shape
+    c_table = torch.empty(g, TABLE_WIDTH, dtype=torch.float64)  # count_terms.count_tables' values, in one pass
+    d_table = torch.empty(g, TABLE_WIDTH, dtype=torch.float64) if with_theta_grad else None
+    _nb.nb_tables(theta.data_ptr(), g, TABLE_WIDTH, c_table.data_ptr(), 0 if d_table is None else d_table.data_ptr())
     ll = torch.empty(n)
     mu, log1p_mu_theta = torch.empty(n, g), torch.empty(n, g)
     bad = _nb.nb_forward(x.data_ptr(), logits.data_ptr(), log_library.data_ptr(), theta.data_ptr(),

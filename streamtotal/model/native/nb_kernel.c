@@ -48,6 +48,35 @@ static double digamma_large(double z) {
     return log(z) - 0.5 * r - series;
 }
 
+/* Count tables of the per-gene terms for counts k < width:
+ *   c_table[g, k] = C(k, theta_g) = sum_{j<k} log(theta_g + j) - lgamma(k + 1) = sum_{j<k} [log(theta_g + j) - log(j + 1)]
+ *   d_table[g, k] = D(k, theta_g) = sum_{j<k} 1 / (theta_g + j)                 (skipped when d_table is NULL)
+ * in float64 ([G, width] row-major). The gene loop is innermost so that it vectorises (one log per element). */
+KERNEL void nb_tables(const float *theta, int64_t n_genes, int64_t width, double *c_table, double *d_table) {
+#pragma omp parallel for schedule(static)
+    for (int64_t g0 = 0; g0 < n_genes; g0 += 256) {
+        const int64_t g1 = g0 + 256 < n_genes ? g0 + 256 : n_genes;
+        double c[256], d[256];
+        for (int64_t g = g0; g < g1; g++) {
+            c[g - g0] = 0.0;
+            d[g - g0] = 0.0;
+            c_table[g * width] = 0.0;
+            if (d_table) d_table[g * width] = 0.0;
+        }
+        for (int64_t k = 1; k < width; k++) {
+            const double j = (double)(k - 1), log_k = log((double)k);
+            for (int64_t g = g0; g < g1; g++) {
+                const double th = (double)theta[g] + j;
+                c[g - g0] += log(th) - log_k;
+                d[g - g0] += 1.0 / th;
+                c_table[g * width + k] = c[g - g0];
+            }
+            if (d_table)
+                for (int64_t g = g0; g < g1; g++) d_table[g * width + k] = d[g - g0];
+        }
+    }
+}
+
 /* Forward.
  *   x, h: [B, G] counts and logits (row-major, contiguous); log_lib: [B]; theta, log_theta: [G];
  *   c_table: [G, W] C(k, theta_g) for k < W (float64, as built); width: W (>= 31, so that the series below,

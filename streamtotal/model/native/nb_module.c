@@ -10,6 +10,7 @@ int nb_forward(const float *x, const float *h, const float *log_lib, const float
 int nb_backward(const float *grad, const float *x, const float *mu, const float *log1p_mu_theta,
                  const float *log_lib, const float *theta, const double *d_table, int64_t width, int64_t n_rows,
                  int64_t n_genes, float *grad_h, float *grad_log_lib, float *grad_log_theta);
+void nb_tables(const float *theta, int64_t n_genes, int64_t width, double *c_table, double *d_table);
 void protein_forward(const float *y, const float *mask, const float *log_back, const float *back_scale,
                      const float *back_mean, const float *fore_scale, const float *mix_logits, const float *theta,
                      int64_t theta_stride, const float *prior_mean, const float *prior_log_scale, int64_t n_rows,
@@ -52,6 +53,16 @@ static PyObject *py_nb_backward(PyObject *self, PyObject *args) {
                 PTR(float, grad_log_theta));
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_nb_tables(PyObject *self, PyObject *args) {
+    unsigned long long theta, c_table, d_table;
+    long long n_genes, width;
+    if (!PyArg_ParseTuple(args, "KLLKK", &theta, &n_genes, &width, &c_table, &d_table)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    nb_tables(PTR(const float, theta), n_genes, width, PTR(double, c_table), PTR(double, d_table));
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -117,6 +128,8 @@ static PyMethodDef methods[] = {
     {"nb_backward", py_nb_backward, METH_VARARGS,
      "nb_backward(grad, x, mu, log1p_mu_theta, log_lib, theta, d_table, width, n_rows, n_genes, grad_h, "
      "grad_log_lib, grad_log_theta) (pointers as ints; 0 = output not wanted)"},
+    {"nb_tables", py_nb_tables, METH_VARARGS,
+     "nb_tables(theta, n_genes, width, c_table, d_table) (pointers as ints; d_table 0 = not wanted)"},
     {"protein_forward", py_protein_forward, METH_VARARGS,
      "protein_forward(y, mask, log_back, back_scale, back_mean, fore_scale, mix_logits, theta, theta_stride, "
      "prior_mean, prior_log_scale, n_rows, n_prot, nll, kl, local) (pointers as ints; local 0 = no derivatives)"},
