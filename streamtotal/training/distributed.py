@@ -21,11 +21,14 @@ class DistContext:
         rank: global rank (0 in a single process).
         world_size: number of processes.
         local_rank: rank on this node (picks the CUDA device).
+        collective_device: where collectives run: NCCL reduces only CUDA tensors, so under NCCL the CPU tensors
+            the trainer sums (loss windows, validation sums, stop flags) travel through this process's GPU.
     """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    collective_device: str = "cpu"
 
     @property
     def is_main(self) -> bool:
@@ -47,6 +50,10 @@ class DistContext:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
             return cls()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            # NCCL builds its communicators on the current device: without this every rank of a node would use GPU 0.
+            torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             # Each torchrun attempt gets its own key prefix in the rendezvous store: with the agent's store shared
             # across restarts, a restarted gloo group read its dead predecessors' addresses and never connected.
@@ -55,15 +62,18 @@ class DistContext:
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                     store=dist.PrefixStore(f"streamtotal/attempt-{attempt}", store),
                                     rank=rank, world_size=size)
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        nccl = dist.get_backend() == "nccl"
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                   collective_device=f"cuda:{local_rank}" if nccl else "cpu")
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Sums ``values`` over all ranks (returns a new tensor; identity in a single process)."""
-        out = values.detach().clone()
-        if self.is_distributed:
-            dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        """Sums ``values`` over all ranks (returns a new tensor on ``values``' device; identity in a single
+        process)."""
+        if not self.is_distributed:
+            return values.detach().clone()
+        out = values.detach().to(self.collective_device, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.to(values.device)
 
     def barrier(self) -> None:
         """Waits for every rank (no-op in a single process)."""
