@@ -63,6 +63,10 @@ class TrainSummary:
     stopped_early: bool
 
 
+_WINDOW_TERMS = ("loss", "rna_nll", "protein_nll", "kl_z", "kl_background")
+"""Per-cell means the train log lines report (``loss`` is the batch mean, weighted by the batch's cells)."""
+
+
 def resolve_device(name: str) -> torch.device:
     """Maps "auto" / "cpu" / "cuda[:N]" to a torch device."""
     if name == "auto":
@@ -349,8 +353,10 @@ class Trainer:
                     self.loader.set_epoch(self.epoch)
                 # Reading in the background, the next epoch's first reads start while this one's last batches train.
                 self.loader.set_read_ahead(self.epoch + 1 if self.epoch + 1 < self.epochs else None)
-                window = torch.zeros(6, dtype=torch.float64)
-                window_start = time.perf_counter()
+                # Sums of the logged terms since the last log line, kept on the training device: reading them every
+                # step (.item()) would make each step wait for the GPU.
+                window = torch.zeros(len(_WINDOW_TERMS), dtype=torch.float64, device=self.device)
+                window_cells, window_start = 0, time.perf_counter()
                 for batch in self.loader:
                     n = len(batch)
                     batch = batch.to(self.device, non_blocking=True)
@@ -359,15 +365,15 @@ class Trainer:
                     self.step += 1
                     collector.step()
                     cells += n
-                    window += torch.tensor([out.loss.item() * n, out.rna_nll.sum().item(),
-                                            out.protein_nll.sum().item(), out.kl_z.sum().item(),
-                                            out.kl_background.sum().item(), n], dtype=torch.float64)
+                    window += torch.stack([out.loss.detach() * n, *(getattr(out, t).detach().sum()
+                                                                     for t in _WINDOW_TERMS[1:])]).double()
+                    window_cells += n
                     bar.update(1)
                     if self.step % tc.log_every_steps == 0:
-                        rate = float(window[-1]) / max(time.perf_counter() - window_start, 1e-9)
-                        self._log_train(window, weight, rate, bar)
+                        rate = window_cells / max(time.perf_counter() - window_start, 1e-9)
+                        self._log_train(window, window_cells, weight, rate, bar)
                         window.zero_()
-                        window_start = time.perf_counter()
+                        window_cells, window_start = 0, time.perf_counter()
                     if stop_after_steps is not None and self.step >= stop_after_steps:
                         self.checkpoints.wait()
                         return self._summary(start_step, start_time, cells)
@@ -420,14 +426,14 @@ class Trainer:
             self.adv_optimizer.step()
         return out
 
-    def _log_train(self, window: torch.Tensor, weight: float, rate: float, bar: tqdm) -> None:
-        totals = self.dist.all_reduce_sum(window)
+    def _log_train(self, window: torch.Tensor, cells: int, weight: float, rate: float, bar: tqdm) -> None:
+        totals = self.dist.all_reduce_sum(torch.cat([window.cpu(), torch.tensor([float(cells)], dtype=torch.float64)]))
         n = max(float(totals[-1]), 1.0)
         record = {
-            "kind": "train", "step": self.step, "epoch": self.epoch, "loss": float(totals[0]) / n,
-            "rna_nll": float(totals[1]) / n, "protein_nll": float(totals[2]) / n, "kl_z": float(totals[3]) / n,
-            "kl_background": float(totals[4]) / n, "kl_weight": weight,
-            "lr": self.optimizer.param_groups[0]["lr"], "cells_per_s": rate * self.dist.world_size,
+            "kind": "train", "step": self.step, "epoch": self.epoch,
+            **{term: float(total) / n for term, total in zip(_WINDOW_TERMS, totals.tolist())},
+            "kl_weight": weight, "lr": self.optimizer.param_groups[0]["lr"],
+            "cells_per_s": rate * self.dist.world_size,
         }
         self.metrics.write(record)
         bar.set_postfix(loss=f"{record['loss']:.1f}", kl_w=f"{weight:.2f}", cells_s=f"{record['cells_per_s']:.0f}")
