@@ -38,8 +38,7 @@ def _positions_in_covers(ids, starts, stops, cover_offsets) -> np.ndarray:
 
 def gather_dense_rows(parts: list[np.ndarray], ids, starts, stops) -> np.ndarray:
     """Returns the rows of ``ids`` from dense cover blocks ``parts`` (rows ``starts[i]:stops[i]`` each)."""
-    joined = joined_parts(parts)
-    block = joined if joined is not None else np.concatenate(parts) if len(parts) != 1 else np.asarray(parts[0])
+    block = _concatenated(parts, copy_single=False)
     if block.shape[0] == ids.size:
         # A single part may be a read-only view of a decoded chunk; callers may write to rows.
         return block if block.flags.writeable else block.copy()
@@ -64,13 +63,16 @@ def joined_parts(parts: list[np.ndarray]) -> np.ndarray | None:
     return base[: sum(len(p) for p in parts)]
 
 
-def _concatenated(parts: list[np.ndarray]) -> np.ndarray:
+def _concatenated(parts: list[np.ndarray], *, copy_single: bool = True) -> np.ndarray:
     """The parts as one array: their shared base when they already are consecutive views of one (a local zarr
-    read's output), else a copy (a single part may be a view of a decoded chunk that must not be written)."""
+    read's output), else a concatenation. A single part is copied unless ``copy_single`` is False (it may be a view
+    of a decoded chunk that must not be written; a caller that only reads it, or copies it anyway, skips that)."""
     joined = joined_parts(parts)
     if joined is not None:
         return joined
-    return np.concatenate(parts) if len(parts) != 1 else np.array(parts[0])
+    if len(parts) != 1:
+        return np.concatenate(parts)
+    return np.array(parts[0]) if copy_single else np.asarray(parts[0])
 
 
 def gather_csr_rows(

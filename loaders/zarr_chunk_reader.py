@@ -20,7 +20,6 @@ from numcodecs.compat import ensure_ndarray_like
 from zarr.storage import LocalStore
 
 
-
 class LocalChunkReader:
     """Reads ``[start, stop)`` row ranges (axis 0) of one local zarr v2 array."""
 

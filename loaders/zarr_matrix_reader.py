@@ -39,7 +39,7 @@ class _ArrayRanges:
         # In a worker thread of zarr's loop: decode on idle cycles. Only here: ``read_direct`` runs in the thread
         # that asks, which may be the training thread itself (inline reads, validation), never to be lowered.
         lower_current_thread_priority()
-        return self._local.read_ranges(starts, stops)
+        return self.read_direct(starts, stops)
 
     async def ranges(self, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
         if self._local is not None:
@@ -93,18 +93,21 @@ class ZarrMatrixReader:
     def requests(self, starts: np.ndarray, stops: np.ndarray) -> list[Coroutine]:
         """Returns one coroutine per underlying array, each giving the parts for the ranges
         ``starts[i]:stops[i]`` (CSR: in entries, located through indptr; else in rows)."""
-        if self.kind == "csr":
-            lo, hi = self.indptr[starts], self.indptr[stops]
-            return [a.ranges(lo, hi) for a in self._arrays]
+        starts, stops = self._array_ranges(starts, stops)
         return [a.ranges(starts, stops) for a in self._arrays]
 
     def direct_reads(self, starts: np.ndarray, stops: np.ndarray) -> list[Callable[[], list[np.ndarray]]]:
         """What ``requests`` gives, as one call per array that reads it without zarr's event loop (only when
         ``direct``): for local chunk files its hand-offs cost more than they overlap on a busy machine (~0.3 ms a
         training batch). The caller runs them (``split_reads.run_split`` spreads them over two threads)."""
-        if self.kind == "csr":
-            starts, stops = self.indptr[starts], self.indptr[stops]
+        starts, stops = self._array_ranges(starts, stops)
         return [functools.partial(a.read_direct, starts, stops) for a in self._arrays]
+
+    def _array_ranges(self, starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row ranges as ranges of the underlying arrays: entries (through indptr) for CSR, else the rows."""
+        if self.kind == "csr":
+            return self.indptr[starts], self.indptr[stops]
+        return starts, stops
 
     def assemble_csr(self, results: list, ids, starts, stops) -> sp.csr_matrix:
         """Returns the ``ids`` rows as float32 CSR from the results of ``requests``."""

@@ -82,7 +82,7 @@ def protein_terms(
         ``([B] protein negative log-likelihood, [B] background KL)``.
     """
     args = (y, mask, log_back, back_scale, back_mean, fore_scale, mix_logits, theta, prior_mean, prior_log_scale)
-    if native.protein_applies(y, log_back, back_scale, back_mean, fore_scale, mix_logits, theta, prior_mean,
+    if native.float32_cpu(y, log_back, back_scale, back_mean, fore_scale, mix_logits, theta, prior_mean,
                               prior_log_scale):
         return _NativeProteinTerms.apply(*args)
     return torch_protein_terms(*args)

@@ -10,8 +10,7 @@ one pass each way (~0.5 ms; tests/model/test_protein_terms.py).
 
 The extension is built at install (setup.py) and is optional: without a C compiler the install succeeds and
 ``available()`` is False, and the callers (rna_likelihood.py, protein_terms.py, totalvi.py, layers.py) use torch
-operations.
-``STREAMTOTAL_NATIVE=0`` turns it off."""
+operations. ``STREAMTOTAL_NATIVE=0`` turns it off."""
 
 from __future__ import annotations
 
@@ -39,11 +38,15 @@ def available() -> bool:
             and not torch.compiler.is_compiling())
 
 
+def float32_cpu(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors: compiled kernels available and all CPU float32."""
+    return available() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
 def applies(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor, log_theta: torch.Tensor) -> bool:
     """Whether the kernels can compute this call: CPU float32 tensors, ``[B, G]`` counts and logits, ``[B]``
     library, and one dispersion per gene (``[G]``)."""
-    return (available() and x.device.type == "cpu" and x.dim() == 2 and log_theta.dim() == 1
-            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, logits, log_library, log_theta))
+    return (float32_cpu(x, logits, log_library, log_theta) and x.dim() == 2 and log_theta.dim() == 1
             and logits.shape == x.shape and log_library.shape == x.shape[:1] and log_theta.shape == x.shape[1:])
 
 
@@ -112,11 +115,6 @@ PROTEIN_LOCAL_TERMS = 7
 """Elementwise derivatives the protein forward stores for its backward (see protein_kernel.c)."""
 
 
-def protein_applies(*tensors: torch.Tensor) -> bool:
-    """Whether the protein kernels can compute this call: all CPU float32 tensors (the mask excepted)."""
-    return available() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-
-
 class ProteinState:
     """What the protein backward needs from the forward."""
 
@@ -129,7 +127,7 @@ def protein_forward(y: torch.Tensor, mask: torch.Tensor, log_back: torch.Tensor,
                     theta: torch.Tensor, prior_mean: torch.Tensor, prior_log_scale: torch.Tensor,
                     with_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, ProteinState | None]:
     """Per-cell protein negative log-likelihood and background KL, and the backward's state (None without
-    ``with_grad``). Call only where ``protein_applies`` is True.
+    ``with_grad``). Call only where ``float32_cpu`` holds for every tensor but the mask.
 
     Args:
         y: ``[B, T]`` counts (any value where unmeasured).
@@ -167,11 +165,6 @@ def protein_backward(grad_nll: torch.Tensor, grad_kl: torch.Tensor, state: Prote
     _nb.protein_backward(grad_nll.data_ptr(), grad_kl.data_ptr(), state.local.data_ptr(), state.theta_stride, n, t,
                          *(0 if g is None else g.data_ptr() for g in (lb, a, pi, th, s, m, pm, pls)))
     return [lb, s, m, a, pi, th, pm, pls]
-
-
-def float32_cpu(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels can take these tensors: compiled kernels available and all CPU float32."""
-    return available() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 def encoder_input(rna: torch.Tensor, protein: torch.Tensor, measured: torch.Tensor, scale: bool,
