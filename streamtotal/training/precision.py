@@ -38,7 +38,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
     "auto" is bf16 on a CUDA device that supports it (Ampere and newer) and on a CPU with bf16 instructions
     (``cpu_has_bf16_instructions``), and fp32 elsewhere. Where bf16 is native it trains faster to the same ELBO
-    (benchmarks/train_throughput.py: 2,572.6 vs 2,570.2 on held-out cells; benchmarks/pbmc_quality.py for
+    (benchmarks/train_throughput.py: 2,579.5 vs 2,575.8 on held-out cells; benchmarks/pbmc_quality.py for
     biology); where it is emulated it would be slower.
 
     Raises:
