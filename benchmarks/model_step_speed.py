@@ -1,4 +1,4 @@
-"""Train-step speed of streamtotal's TotalVI module against scvi-tools' TOTALVAE on the same minibatch.
+"""Train-step speed of streamtotal's TotalVAE module against scvi-tools' TOTALVAE on the same minibatch.
 
 One step = forward + loss + backward + Adam step (lr 4e-3, eps 0.01, weight decay 1e-6, as both trainers use)
 on one [batch, genes] RNA + [batch, proteins] protein minibatch of simulated counts (NB RNA around a 2,500-count
@@ -11,8 +11,8 @@ alternating rounds so machine noise hits them alike. Configurations:
 
 * ``scvi_tools``: TOTALVAE, glibc defaults, torch's default (for-loop) Adam - what a scvi-tools user gets;
 * ``scvi_tools_retain``: the same with ``retain_freed_memory()`` (a like-for-like peer for ours);
-* ``streamtotal``: TotalVI, glibc defaults, default Adam;
-* ``streamtotal_retain``: TotalVI with ``retain_freed_memory()``, default Adam;
+* ``streamtotal``: TotalVAE, glibc defaults, default Adam;
+* ``streamtotal_retain``: TotalVAE with ``retain_freed_memory()``, default Adam;
 * ``streamtotal_retain_fused``: the same with ``Adam(fused=True)`` - what the trainer should run on CPU.
 
 Reported per configuration: the fastest block's median ms/step (best estimate on a shared machine), the
@@ -60,11 +60,11 @@ def _adam(params, fused: bool = False):
 
 def ours_step_fn(rna, protein, batch, n_batch, fused_adam: bool):
     from loaders.citebatch import CiteBatch
-    from streamtotal.model import ModelConfig, TotalVI
+    from streamtotal.model import ModelConfig, TotalVAE
 
     n_cells, n_proteins = protein.shape
     prior = (torch.full((n_proteins, n_batch), 3.0), torch.full((n_proteins, n_batch), 0.4))
-    model = TotalVI(ModelConfig(), rna.shape[1], n_proteins, n_batch, protein_prior=prior).train()
+    model = TotalVAE(ModelConfig(), rna.shape[1], n_proteins, n_batch, protein_prior=prior).train()
     data = CiteBatch(rna, protein, torch.ones_like(protein, dtype=torch.bool), batch,
                      torch.full((n_cells,), -1), torch.arange(n_cells))
     opt = _adam(model.parameters(), fused_adam)

@@ -27,7 +27,7 @@ import torch
 from loaders.citebatch import CiteBatch
 from streamtotal.errors import ConfigError, ModelInputError
 from streamtotal.model.outputs import GenerativeOutputs
-from streamtotal.model.totalvi import MAX_LOG_LIBRARY, TotalVI
+from streamtotal.model.totalvi import MAX_LOG_LIBRARY, TotalVAE
 
 
 @dataclass
@@ -54,7 +54,7 @@ def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torc
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
-def _check(model: TotalVI, n_samples: int) -> None:
+def _check(model: TotalVAE, n_samples: int) -> None:
     if model.training:
         raise ModelInputError("posterior quantities need the model in eval mode (dropout off): call model.eval()")
     if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
@@ -63,7 +63,7 @@ def _check(model: TotalVI, n_samples: int) -> None:
 
 @torch.no_grad()
 def draw_posterior(
-    model: TotalVI, batch: CiteBatch, n_samples: int = 1, *, sample: bool | None = None,
+    model: TotalVAE, batch: CiteBatch, n_samples: int = 1, *, sample: bool | None = None,
     generator: torch.Generator | None = None,
 ) -> PosteriorDraws:
     """Draws z, log l and log-beta noise from the posterior of ``batch``.
@@ -102,7 +102,7 @@ def draw_posterior(
     return PosteriorDraws(z, log_library, back_noise)
 
 
-def decode(model: TotalVI, draws: PosteriorDraws, batch_codes: torch.Tensor) -> GenerativeOutputs:
+def decode(model: TotalVAE, draws: PosteriorDraws, batch_codes: torch.Tensor) -> GenerativeOutputs:
     """Decodes every draw with the given decoder batch codes; outputs are flattened to ``[S * B, ...]``.
 
     Args:
@@ -123,7 +123,7 @@ def decode(model: TotalVI, draws: PosteriorDraws, batch_codes: torch.Tensor) -> 
 
 
 def _decoder_batches(
-    model: TotalVI, batch: CiteBatch, transform_batch: Sequence[int] | int | None
+    model: TotalVAE, batch: CiteBatch, transform_batch: Sequence[int] | int | None
 ) -> list[torch.Tensor]:
     if transform_batch is None:
         return [batch.batch]
@@ -150,7 +150,7 @@ def _select(values: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 
 @torch.no_grad()
 def latent(
-    model: TotalVI, batch: CiteBatch, *, give_mean: bool = True, n_samples: int = 1,
+    model: TotalVAE, batch: CiteBatch, *, give_mean: bool = True, n_samples: int = 1,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The latent representation: posterior mean of z, or draws from q(z | x, y, s).
@@ -176,7 +176,7 @@ def latent(
 
 @torch.no_grad()
 def normalized_rna(
-    model: TotalVI, batch: CiteBatch, *, library_size: float | str = 1.0,
+    model: TotalVAE, batch: CiteBatch, *, library_size: float | str = 1.0,
     transform_batch: Sequence[int] | int | None = None, n_samples: int = 1, return_mean: bool = True,
     genes: torch.Tensor | None = None, generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -233,7 +233,7 @@ def _protein_values(
 
 @torch.no_grad()
 def denoised_protein(
-    model: TotalVI, batch: CiteBatch, *, transform_batch: Sequence[int] | int | None = None, n_samples: int = 1,
+    model: TotalVAE, batch: CiteBatch, *, transform_batch: Sequence[int] | int | None = None, n_samples: int = 1,
     return_mean: bool = True, include_protein_background: bool = False, sample_protein_mixing: bool = False,
     scale_protein: bool = False, proteins: torch.Tensor | None = None, generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -273,7 +273,7 @@ def denoised_protein(
 
 @torch.no_grad()
 def protein_foreground_probability(
-    model: TotalVI, batch: CiteBatch, *, transform_batch: Sequence[int] | int | None = None, n_samples: int = 1,
+    model: TotalVAE, batch: CiteBatch, *, transform_batch: Sequence[int] | int | None = None, n_samples: int = 1,
     return_mean: bool = True, proteins: torch.Tensor | None = None, generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Probability that a protein count is foreground, ``1 - pi`` (pi = sigmoid of the mixing logit).
@@ -294,7 +294,7 @@ def protein_foreground_probability(
 
 @torch.no_grad()
 def impute_proteins(
-    model: TotalVI, batch: CiteBatch, *, proteins: torch.Tensor | None = None, **options,
+    model: TotalVAE, batch: CiteBatch, *, proteins: torch.Tensor | None = None, **options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Observed protein counts where measured, the model's denoised protein where not.
 

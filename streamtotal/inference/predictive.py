@@ -38,7 +38,7 @@ from streamtotal.inference.selection import cell_ids as check_cell_ids, feature_
 from streamtotal.model.likelihoods import log_nb_mixture_from_log_means
 from streamtotal.model.outputs import LossOutput
 from streamtotal.model.rna_likelihood import nb_log_likelihood_from_logits
-from streamtotal.model.totalvi import MAX_LOG_LIBRARY, TotalVI
+from streamtotal.model.totalvi import MAX_LOG_LIBRARY, TotalVAE
 
 ELBO_TERMS = ("neg_elbo", "rna_nll", "protein_nll", "kl_z", "kl_background", "kl_library")
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -60,7 +60,7 @@ def _nb_sample(rng: np.random.Generator, mean: np.ndarray, theta: np.ndarray) ->
 
 @torch.no_grad()
 def sample_counts(
-    model: TotalVI, batch: CiteBatch, n_samples: int = 1, *, generator: torch.Generator | None = None,
+    model: TotalVAE, batch: CiteBatch, n_samples: int = 1, *, generator: torch.Generator | None = None,
     rng: np.random.Generator | None = None, genes: torch.Tensor | None = None,
     proteins: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -103,12 +103,12 @@ def sample_counts(
 
 
 @torch.no_grad()
-def elbo_terms(model: TotalVI, batch: CiteBatch, *, generator: torch.Generator | None = None) -> LossOutput:
+def elbo_terms(model: TotalVAE, batch: CiteBatch, *, generator: torch.Generator | None = None) -> LossOutput:
     """The model's loss terms (KL weight 1) at one posterior draw taken from ``generator``.
 
     The draw is ``draw_posterior(model, batch, 1, sample=True, generator=generator)`` decoded with the cells' own
     batches, so the result is reproducible; ``neg_elbo``, ``rna_nll``, ``protein_nll`` and the KL terms are per
-    cell, as ``TotalVI.loss`` returns them.
+    cell, as ``TotalVAE.loss`` returns them.
 
     Raises:
         ModelInputError: the model is in training mode or the batch does not fit it.
@@ -121,7 +121,7 @@ def elbo_terms(model: TotalVI, batch: CiteBatch, *, generator: torch.Generator |
 
 @torch.no_grad()
 def log_importance_weights(
-    model: TotalVI, batch: CiteBatch, n_samples: int, *, generator: torch.Generator | None = None,
+    model: TotalVAE, batch: CiteBatch, n_samples: int, *, generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``[n_samples, B]`` float32 log importance weights log p(x, y, z, beta (, l)) - log q(z, beta (, l) | x, y).
 
@@ -167,7 +167,7 @@ def log_importance_weights(
 
 @torch.no_grad()
 def marginal_log_likelihood(
-    model: TotalVI, batch: CiteBatch, n_mc_samples: int = 100, *, chunk_size: int = 25,
+    model: TotalVAE, batch: CiteBatch, n_mc_samples: int = 100, *, chunk_size: int = 25,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``[B]`` float64 importance-sampling estimate of log p(x, y | s) with ``n_mc_samples`` draws.

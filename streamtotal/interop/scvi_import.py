@@ -2,7 +2,7 @@
 
     scvi-tools DIR/model.pt ──► read + refuse what cannot be reproduced (scvi_model_file.py)
         ──► ModelConfig with scvi-tools' architecture and function (relu foreground, scvi-tools' encoder input)
-        ──► converted weights (scvi_weights.py), loaded strictly into TotalVI
+        ──► converted weights (scvi_weights.py), loaded strictly into TotalVAE
         ──► RUN_DIR/config.toml, registry.json, model.pt, metrics.jsonl (empty), written into a temp directory
             renamed into place when complete
 
@@ -28,7 +28,7 @@ from streamtotal.errors import InteropError, RunDirError
 from streamtotal.interop.scvi_model_file import ScviModel, read_scvi_model
 from streamtotal.interop.scvi_weights import classifier_shape, convert_state, count_layers, has_batch_norm
 from streamtotal.model.config import ModelConfig
-from streamtotal.model.totalvi import TotalVI
+from streamtotal.model.totalvi import TotalVAE
 from streamtotal.training.run_dir import RunDir
 
 
@@ -84,7 +84,7 @@ def import_scvi_model(model_dir: str | Path, out_run_dir: str | Path, *, overwri
     batches = _batch_categories(m, batch_name)
     config = RunConfig(data=_data_config(m), model=model_config(m), train=TrainConfig())
     registry = _registry(m, batches)
-    model = TotalVI(config.model, registry.n_genes, registry.n_proteins, registry.n_batch, n_labels=registry.n_labels)
+    model = TotalVAE(config.model, registry.n_genes, registry.n_proteins, registry.n_batch, n_labels=registry.n_labels)
     state = convert_state(m, latent_library=config.model.latent_library,
                           encode_covariates=config.model.encode_covariates, n_hidden=config.model.n_hidden,
                           n_latent=config.model.n_latent)
@@ -99,7 +99,7 @@ def import_scvi_model(model_dir: str | Path, out_run_dir: str | Path, *, overwri
 
 
 def model_config(m: ScviModel) -> ModelConfig:
-    """The ModelConfig whose TotalVI computes the function of scvi-tools model ``m``.
+    """The ModelConfig whose TotalVAE computes the function of scvi-tools model ``m``.
 
     Sizes come from the weights (they are what was trained), norms and dropout from the constructor
     arguments (scvi-tools' defaults when absent).
@@ -191,7 +191,7 @@ def _registry(m: ScviModel, batches: list[str]) -> Registry:
     )
 
 
-def _write_run_dir(out: Path, model: TotalVI, config: RunConfig, registry: Registry, overwrite: bool) -> None:
+def _write_run_dir(out: Path, model: TotalVAE, config: RunConfig, registry: Registry, overwrite: bool) -> None:
     """Writes the run directory under a temporary name beside ``out``, then renames it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -166,7 +166,7 @@ def _state(fields: dict, name: str) -> dict:
 
 
 def _check_options(file: Path, kwargs: dict, fields: dict, setup: dict, registry: dict) -> None:
-    """Refuses every option whose function streamtotal's TotalVI cannot reproduce."""
+    """Refuses every option whose function streamtotal's TotalVAE cannot reproduce."""
     checks = [
         ("latent_distribution", kwargs.get("latent_distribution", "normal"), ("normal",),
          "the logistic-normal latent is not implemented in streamtotal"),

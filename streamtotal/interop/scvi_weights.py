@@ -1,4 +1,4 @@
-"""Converting a scvi-tools TOTALVAE / TOTALANVAE state dict into streamtotal's TotalVI state dict.
+"""Converting a scvi-tools TOTALVAE / TOTALANVAE state dict into streamtotal's TotalVAE state dict.
 
 The two networks compute the same functions with different layouts (layers.py):
 
@@ -126,7 +126,7 @@ def _per_batch(value: torch.Tensor, n_batch: int, n_features: int, where: str) -
 
 def convert_state(m: ScviModel, *, latent_library: bool, encode_covariates: bool, n_hidden: int,
                   n_latent: int) -> dict[str, torch.Tensor]:
-    """streamtotal's TotalVI state dict for the scvi-tools model ``m`` (see the module docstring).
+    """streamtotal's TotalVAE state dict for the scvi-tools model ``m`` (see the module docstring).
 
     Args:
         m: the read model.
@@ -136,7 +136,7 @@ def convert_state(m: ScviModel, *, latent_library: bool, encode_covariates: bool
         n_latent: latent dimensions.
 
     Returns:
-        The state dict (load it with ``strict=True`` into ``TotalVI(config, G, T, n_batch, n_labels=...)``).
+        The state dict (load it with ``strict=True`` into ``TotalVAE(config, G, T, n_batch, n_labels=...)``).
 
     Raises:
         InteropError: a weight is missing or has a shape that does not fit.

@@ -6,7 +6,7 @@ from streamtotal.model.likelihoods import log_nb, log_nb_mixture
 from streamtotal.model.outputs import GenerativeOutputs, InferenceOutputs, LossOutput
 from streamtotal.model.protein_prior import LibraryPrior, ProteinBackgroundPrior
 from streamtotal.model.rna_likelihood import nb_log_likelihood_from_logits
-from streamtotal.model.totalvi import TotalVI
+from streamtotal.model.totalvi import TotalVAE
 
 __all__ = [
     "GenerativeOutputs",
@@ -15,7 +15,7 @@ __all__ = [
     "LossOutput",
     "ModelConfig",
     "ProteinBackgroundPrior",
-    "TotalVI",
+    "TotalVAE",
     "kl_weight",
     "log_nb",
     "log_nb_mixture",

@@ -1,4 +1,4 @@
-"""What TotalVI's inference, generative and loss steps return."""
+"""What TotalVAE's inference, generative and loss steps return."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ MAX_LOG_LIBRARY = 15.0
 """Sampled log library sizes are clamped here (as scvi-tools): exp(15) = 3.3M counts."""
 
 
-class TotalVI(nn.Module):
+class TotalVAE(nn.Module):
     """The totalVI module: encoder, decoder, priors, loss.
 
     Args:
@@ -91,7 +91,7 @@ class TotalVI(nn.Module):
         super().__init__()
         if min(n_genes, n_proteins, n_batch) < 1:
             raise ConfigError(
-                f"TotalVI needs n_genes, n_proteins, n_batch >= 1; got {n_genes}, {n_proteins}, {n_batch}"
+                f"TotalVAE needs n_genes, n_proteins, n_batch >= 1; got {n_genes}, {n_proteins}, {n_batch}"
             )
         if config.adversarial_classifier and n_batch < 2:
             raise ConfigError("model.adversarial_classifier needs at least two batches; this data has one")

@@ -17,14 +17,14 @@ from loaders.registry import Registry
 from streamtotal.errors import ConfigError
 from streamtotal.model.config import ModelConfig
 from streamtotal.model.layers import CovariateLinear
-from streamtotal.model.totalvi import LABEL_MODULES, TotalVI
+from streamtotal.model.totalvi import LABEL_MODULES, TotalVAE
 from streamtotal.training.run_dir import TrainedModel
 
 _PER_BATCH = ("rna_log_theta", "protein_log_theta", "background_prior_mean", "background_prior_log_scale",
               "library_log_mean", "library_log_var")
 
 
-def batch_indexed(model: TotalVI) -> set[str]:
+def batch_indexed(model: TotalVAE) -> set[str]:
     """Names of the parameters and buffers whose dim 0 is the batch (covariate weights and per-batch tensors)."""
     # A label network's covariate is the label, not the batch.
     names = {f"{m}.cov_weight" for m, mod in model.named_modules()
@@ -54,7 +54,7 @@ def expand_reference(
     protein_prior: tuple[torch.Tensor, torch.Tensor] | None = None,
     library_prior: tuple[torch.Tensor, torch.Tensor] | None = None,
     seed: int = 0,
-) -> tuple[TotalVI, set[str]]:
+) -> tuple[TotalVAE, set[str]]:
     """Builds the query model: the reference's weights, plus rows for the batches ``registry`` adds.
 
     Args:
@@ -84,7 +84,7 @@ def expand_reference(
     config = query_model_config(reference.config.model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = TotalVI(config, registry.n_genes, registry.n_proteins, registry.n_batch,
+        model = TotalVAE(config, registry.n_genes, registry.n_proteins, registry.n_batch,
                         protein_prior=protein_prior, library_prior=library_prior, n_labels=registry.n_labels)
     rows = batch_indexed(model)
     source = {k: v for k, v in reference.model.state_dict().items() if not k.startswith("batch_classifier.")}

@@ -28,7 +28,7 @@ from streamtotal.config import RunConfig
 from streamtotal.data import open_collection
 from streamtotal.errors import CheckpointError, ConfigError
 from streamtotal.inference.knn_transfer import KnnConfig
-from streamtotal.model.totalvi import TotalVI
+from streamtotal.model.totalvi import TotalVAE
 from streamtotal.surgery.expand import expand_reference, query_model_config
 from streamtotal.surgery.freeze import Freezing, SurgeryConfig, freeze
 from streamtotal.training.checkpoint import atomic_write_bytes
@@ -49,7 +49,7 @@ class QuerySurgery:
         n_reference_batches: batches of the reference.
     """
 
-    model: TotalVI
+    model: TotalVAE
     freezing: Freezing
     batch_rows: set[str]
     n_reference_batches: int

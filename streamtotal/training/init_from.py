@@ -15,7 +15,7 @@ from pathlib import Path
 from loaders.registry import Registry
 from streamtotal.errors import ConfigError
 from streamtotal.model.config import ModelConfig
-from streamtotal.model.totalvi import LABEL_MODULES, TotalVI
+from streamtotal.model.totalvi import LABEL_MODULES, TotalVAE
 
 LABEL_FIELDS = ("label_classifier", "classification_ratio", "label_classifier_n_hidden", "label_classifier_n_layers",
                 "label_classifier_dropout", "label_prior")
@@ -46,7 +46,7 @@ def check_init_compatible(source_model: ModelConfig, source_registry: Registry, 
         )
 
 
-def initialise_from(model: TotalVI, registry: Registry, source: str | Path) -> None:
+def initialise_from(model: TotalVAE, registry: Registry, source: str | Path) -> None:
     """Copies into ``model`` every weight it shares with the trained run in ``source``.
 
     Raises:

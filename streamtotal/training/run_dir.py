@@ -19,7 +19,7 @@ import torch
 from loaders.registry import Registry
 from streamtotal.config import RunConfig
 from streamtotal.errors import RunDirError
-from streamtotal.model.totalvi import TotalVI
+from streamtotal.model.totalvi import TotalVAE
 from streamtotal.training.checkpoint import atomic_write_bytes, latest_checkpoint, list_checkpoints, load_checkpoint
 
 
@@ -48,7 +48,7 @@ class RunDir:
         text = json.dumps(registry.to_dict(), indent=1)
         atomic_write_bytes(self.path / "registry.json", lambda f: f.write(text.encode()))
 
-    def write_final_model(self, model: TotalVI, config: RunConfig, registry: Registry) -> None:
+    def write_final_model(self, model: TotalVAE, config: RunConfig, registry: Registry) -> None:
         """Writes ``model.pt`` (weights, config, registry) atomically."""
         state = {"format": "streamtotal-model", "version": 1, "model": model.state_dict(),
                  "config": config.to_dict(), "registry": registry.to_dict()}
@@ -60,13 +60,13 @@ class TrainedModel:
     """A model loaded from a run directory, ready for inference.
 
     Attributes:
-        model: the TotalVI module, in eval mode, on the CPU.
+        model: the TotalVAE module, in eval mode, on the CPU.
         config: the run's config.
         registry: what the model was trained with (the query side is aligned onto it).
         source: the file it was loaded from.
     """
 
-    model: TotalVI
+    model: TotalVAE
     config: RunConfig
     registry: Registry
     source: Path
@@ -91,7 +91,7 @@ def load_trained(run_dir: str | Path) -> TrainedModel:
         state, source = load_checkpoint(ckpt), ckpt
     config = RunConfig.from_dict(state["config"], where=f"{source} config")
     registry = Registry.from_dict(state["registry"])
-    model = TotalVI(config.model, registry.n_genes, registry.n_proteins, registry.n_batch, n_labels=registry.n_labels)
+    model = TotalVAE(config.model, registry.n_genes, registry.n_proteins, registry.n_batch, n_labels=registry.n_labels)
     model.load_state_dict(state["model"])
     model.eval()
     return TrainedModel(model=model, config=config, registry=registry, source=source)

@@ -26,7 +26,7 @@ from streamtotal.data import open_collection
 from streamtotal.errors import CheckpointError, RunDirError
 from streamtotal.model.cpu_allocator import retain_freed_memory
 from streamtotal.model.kl_schedule import kl_weight
-from streamtotal.model.totalvi import TotalVI
+from streamtotal.model.totalvi import TotalVAE
 from streamtotal.training.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint
 from streamtotal.training.gc_control import ManualGC
 from streamtotal.training.distributed import DistContext
@@ -199,7 +199,7 @@ class Trainer:
         if surgery is not None:
             self.model = surgery.model
         else:
-            self.model = TotalVI(config.model, self.registry.n_genes, self.registry.n_proteins,
+            self.model = TotalVAE(config.model, self.registry.n_genes, self.registry.n_proteins,
                                  self.registry.n_batch, protein_prior=protein_prior, library_prior=library_prior,
                                  n_labels=self.registry.n_labels)
         if checkpoint is None and tc.init_from:

@@ -11,7 +11,7 @@ from streamtotal.data import open_collection
 from streamtotal.errors import ConfigError, ModelInputError
 from streamtotal.inference import posterior
 from streamtotal.model.config import ModelConfig
-from streamtotal.model.totalvi import TotalVI
+from streamtotal.model.totalvi import TotalVAE
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_rna_latent_library_uses_each_cells_own_library(model_and_batch):
     torch.testing.assert_close(posterior.normalized_rna(model, batch, library_size="latent"), expected)
 
     torch.manual_seed(0)
-    lib_model = TotalVI(ModelConfig(n_latent=3, n_hidden=16, latent_library=True), model.n_genes, model.n_proteins,
+    lib_model = TotalVAE(ModelConfig(n_latent=3, n_hidden=16, latent_library=True), model.n_genes, model.n_proteins,
                         model.n_batch).eval()
     gen, inf = _direct(lib_model, batch)
     expected = torch.softmax(gen.rna_logits, dim=-1) * inf.ql_mean.exp()[:, None]

@@ -109,11 +109,11 @@ def test_marginal_ll_bounds_the_elbo_and_tightens_with_more_samples(post):
 def test_importance_weights_average_to_minus_neg_elbo_with_a_latent_library(post):
     """E_q[log w] = -E_q[neg_elbo] (analytic KLs of z, log beta and log l), here for a latent-library model."""
     from streamtotal.model.config import ModelConfig
-    from streamtotal.model.totalvi import TotalVI
+    from streamtotal.model.totalvi import TotalVAE
 
     reg = post.registry
     torch.manual_seed(0)
-    model = TotalVI(ModelConfig(n_latent=3, n_hidden=16, latent_library=True), reg.n_genes, reg.n_proteins,
+    model = TotalVAE(ModelConfig(n_latent=3, n_hidden=16, latent_library=True), reg.n_genes, reg.n_proteins,
                     len(reg.batch_categories), library_prior=(torch.full((2,), 6.0), torch.full((2,), 0.05))).eval()
     # Narrow posteriors (q(log l) = N(7.8, 0.01), var z ~ 0.02, sd log beta ~ 0.05) keep the Monte Carlo error
     # well below each KL term.

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from loaders.citebatch import CiteBatch
 from streamtotal.config import DataConfig, RunConfig
 from streamtotal.errors import ConfigError
-from streamtotal.model import ModelConfig, TotalVI
+from streamtotal.model import ModelConfig, TotalVAE
 
 G, T, NB, K = 30, 6, 2, 3
 
@@ -30,7 +30,7 @@ def make_batch(n=24, seed=0, labelled=None):
 def make_model(seed=0, **config):
     torch.manual_seed(seed)
     config = {"n_latent": 4, "n_hidden": 16, "label_classifier": True, **config}
-    return TotalVI(ModelConfig(**config), G, T, NB, n_labels=K)
+    return TotalVAE(ModelConfig(**config), G, T, NB, n_labels=K)
 
 
 def run(model, batch, seed=1):
@@ -100,7 +100,7 @@ def test_predict_proba_and_linear_classifier():
     torch.testing.assert_close(probs.sum(1), torch.ones(24))
     z = model.encode(b.rna, b.protein, b.protein_mask, b.batch)
     torch.testing.assert_close(probs, torch.softmax(model.label_classifier(z), -1))
-    plain = TotalVI(ModelConfig(n_latent=4, n_hidden=16), G, T, NB, n_labels=K)
+    plain = TotalVAE(ModelConfig(n_latent=4, n_hidden=16), G, T, NB, n_labels=K)
     assert plain.label_classifier is None
     with pytest.raises(ConfigError, match="--totalanvi"):
         plain.predict_proba(b.rna, b.protein, b.protein_mask, b.batch)
@@ -108,7 +108,7 @@ def test_predict_proba_and_linear_classifier():
 
 def test_config_checks():
     with pytest.raises(ConfigError, match="two label categories"):
-        TotalVI(ModelConfig(label_classifier=True), G, T, NB, n_labels=1)
+        TotalVAE(ModelConfig(label_classifier=True), G, T, NB, n_labels=1)
     with pytest.raises(ConfigError, match="labels_key"):
         RunConfig(model=ModelConfig(label_classifier=True))
     RunConfig(data=DataConfig(labels_key="cell_type"), model=ModelConfig(label_classifier=True))

@@ -1,4 +1,4 @@
-"""TotalVI: loss definition, masking, gradients, configurations, priors, adversarial classifier, config checks."""
+"""TotalVAE: loss definition, masking, gradients, configurations, priors, adversarial classifier, config checks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from loaders.citebatch import CiteBatch
 from streamtotal.errors import ConfigError, ModelInputError
-from streamtotal.model import ModelConfig, TotalVI
+from streamtotal.model import ModelConfig, TotalVAE
 from streamtotal.model.likelihoods import log_nb_mixture
 
 G, T, NB = 60, 8, 3
@@ -33,7 +33,7 @@ def make_model(seed=0, **config):
     torch.manual_seed(seed)
     prior = (torch.full((T, NB), 3.0), torch.full((T, NB), 0.5))
     library = (torch.full((NB,), 7.0), torch.full((NB,), 0.5))
-    return TotalVI(ModelConfig(**config), G, T, NB, protein_prior=prior, library_prior=library)
+    return TotalVAE(ModelConfig(**config), G, T, NB, protein_prior=prior, library_prior=library)
 
 
 def run(model, batch, kl_weight=1.0, seed=1):
@@ -169,20 +169,20 @@ def test_generative_outputs_give_consistent_downstream_quantities():
 def test_priors_are_per_batch_parameters_and_a_state_dict_restores_them():
     c = torch.arange(T * NB, dtype=torch.float32).reshape(T, NB) / 10
     d = torch.full((T, NB), 0.25)
-    model = TotalVI(ModelConfig(latent_library=True), G, T, NB, protein_prior=(c, d),
+    model = TotalVAE(ModelConfig(latent_library=True), G, T, NB, protein_prior=(c, d),
                     library_prior=(torch.tensor([6.0, 7.0, 8.0]), torch.tensor([0.1, 0.2, 0.3])))
     torch.testing.assert_close(model.background_prior_mean, c.t())
     torch.testing.assert_close(model.background_prior_log_scale.exp(), d.t())
     assert isinstance(model.background_prior_mean, torch.nn.Parameter)
-    fresh = TotalVI(ModelConfig(latent_library=True), G, T, NB)  # what the trainer builds before loading
+    fresh = TotalVAE(ModelConfig(latent_library=True), G, T, NB)  # what the trainer builds before loading
     torch.testing.assert_close(fresh.background_prior_mean, torch.full((NB, T), 3.0))
     fresh.load_state_dict(model.state_dict())
     model.eval(), fresh.eval()
     batch = make_batch()
     torch.testing.assert_close(run(model, batch).neg_elbo, run(fresh, batch).neg_elbo)
-    broadcast = TotalVI(ModelConfig(), G, T, NB, protein_prior=(c[:, :1], d[:, :1]))
+    broadcast = TotalVAE(ModelConfig(), G, T, NB, protein_prior=(c[:, :1], d[:, :1]))
     torch.testing.assert_close(broadcast.background_prior_mean, c[:, 0].expand(NB, T))
-    fixed = TotalVI(ModelConfig(empirical_protein_background_prior=False), G, T, NB, protein_prior=(c, d))
+    fixed = TotalVAE(ModelConfig(empirical_protein_background_prior=False), G, T, NB, protein_prior=(c, d))
     torch.testing.assert_close(fixed.background_prior_mean, torch.full((NB, T), 3.0))
     torch.testing.assert_close(fixed.background_prior_log_scale, torch.zeros(NB, T))
 
@@ -194,7 +194,7 @@ def test_priors_are_per_batch_parameters_and_a_state_dict_restores_them():
 )
 def test_bad_protein_priors_are_refused(prior):
     with pytest.raises(ModelInputError):
-        TotalVI(ModelConfig(), G, T, NB, protein_prior=prior)
+        TotalVAE(ModelConfig(), G, T, NB, protein_prior=prior)
 
 
 def test_batches_that_do_not_fit_the_model_are_refused():
@@ -223,7 +223,7 @@ def test_adversarial_classifier_losses_and_parameter_groups():
     with pytest.raises(ConfigError):
         plain.adversarial_fool_loss(out.z, batch.batch)
     with pytest.raises(ConfigError):
-        TotalVI(ModelConfig(adversarial_classifier=True), G, T, 1)
+        TotalVAE(ModelConfig(adversarial_classifier=True), G, T, 1)
 
 
 def test_unused_heads_are_not_built():
