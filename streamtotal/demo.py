@@ -63,7 +63,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     import shutil
 
     from loaders.ingest import ingest
-    from streamtotal.cli.simulate_cmd import write_simulation
+    from streamtotal.simulate_writer import write_simulation
     from streamtotal.inference.embed import embed
     from streamtotal.plots import plot_training_curves, plot_umap, umap_coordinates
     from streamtotal.training.trainer import Trainer

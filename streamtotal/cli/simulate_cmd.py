@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from streamtotal.simulate import CiteSimulator, SimulationConfig
+from streamtotal.simulate_writer import write_simulation  # noqa: F401 (also imported from here by tests)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,32 +36,3 @@ def run(args: argparse.Namespace) -> None:
                               n_missing_proteins=args.missing_proteins, seed=args.seed)
     path = write_simulation(CiteSimulator(config), args.out, overwrite=args.overwrite)
     print(f"wrote {config.n_cells} simulated cells x {config.n_genes} genes x {config.n_proteins} proteins to {path}")
-
-
-def write_simulation(sim: CiteSimulator, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
-    """Writes a simulation to ``out`` (.h5ad in memory; otherwise a Zarr store block by block).
-
-    Raises:
-        ConfigError: ``out`` exists and ``overwrite`` is False.
-    """
-    from tqdm.auto import tqdm
-
-    from loaders.store_writer import ZarrStoreWriter
-    from streamtotal.errors import ConfigError
-
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
-    if out.suffix == ".h5ad":
-        tmp = out.with_name(f".{out.name}.tmp")
-        sim.to_anndata().write_h5ad(tmp)
-        tmp.replace(out)
-        return out
-    c = sim.config
-    writer = ZarrStoreWriter(out, sim.gene_names, sim.protein_names, panel_key="batch", overwrite=overwrite,
-                             source_file="streamtotal simulate", integer_counts=True)
-    blocks = -(-c.n_cells // c.block_cells)
-    for rna, protein, obs in tqdm(sim.blocks(), total=blocks, desc="simulate", unit="block", disable=not progress):
-        writer.append(rna, protein, obs)
-    writer.close()
-    return out
