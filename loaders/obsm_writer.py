@@ -3,7 +3,8 @@
 Results (latent means, predictions, ...) are computed in minibatches over millions of cells, so they are
 written as they come, never gathered in memory. They go to a hidden temporary array (``obsm/.tmp-<key>``) and
 are renamed over ``obsm/<key>`` only when every row has been written: a job killed half-way leaves the
-store's previous ``obsm/<key>`` (if any) intact. The store's consolidated metadata is rebuilt afterwards so
+store's previous ``obsm/<key>`` (if any) intact. The rename goes through ``loaders.publish_journal`` (alone, or
+together with the other results of one command), which also rebuilds the consolidated metadata so
 ``anndata.read_zarr`` sees the new entry.
 
 ``resume=True`` reopens a temporary array left by an interrupted job instead of recreating it (its shape,
@@ -13,36 +14,14 @@ dtype and row chunks must match); which rows it already holds is the caller's bo
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 from loaders.errors import StoreFormatError
+from loaders.publish_journal import Rename, publish_group, recover
 from loaders.store_layout import DENSE_ENCODING, ZARR_FORMAT, StoreLayoutConfig
-
-
-def consolidate(store_path: str | Path) -> None:
-    """Rebuilds a store's consolidated metadata (after elements were added or renamed)."""
-    zarr.consolidate_metadata(str(store_path), zarr_format=ZARR_FORMAT)
-
-
-def publish_dir(parent: Path, tmp_name: str, final_name: str) -> None:
-    """Renames ``parent/tmp_name`` over ``parent/final_name``; the old element is kept until the rename is done.
-
-    The old element is moved aside first (``.old-<name>``) because a directory cannot be renamed over a
-    non-empty one; a leftover ``.old-`` from an earlier crash is removed first.
-    """
-    final, tmp, old = parent / final_name, parent / tmp_name, parent / f".old-{final_name}"
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 class ObsmWriter:
@@ -73,6 +52,7 @@ class ObsmWriter:
         if "/" in key or key.startswith("."):
             raise StoreFormatError(f"obsm key {key!r} must be a plain name (no '/', not starting with '.')")
         self.key, self.n_obs = key, n_obs
+        recover(self.store_path)  # a half-done earlier publication is completed before anything is staged
         root = zarr.open_group(str(self.store_path), mode="r", zarr_format=ZARR_FORMAT, use_consolidated=False)
         x_shape = root["X"].attrs.get("shape") if "X" in root else None
         if x_shape is not None and int(x_shape[0]) != n_obs:
@@ -116,11 +96,16 @@ class ObsmWriter:
         """Records rows ``[start, stop)`` as written by an earlier (interrupted) job."""
         self._written[start:stop] = True
 
-    def publish(self) -> None:
-        """Renames the temporary array over ``obsm/<key>`` (no completeness check, no reconsolidation).
+    @property
+    def rename(self) -> Rename:
+        """How the temporary array is published (for ``publish_journal.publish_group``)."""
+        return Rename("obsm", self._tmp_name, self.key)
+
+    def check_complete(self) -> None:
+        """Raises unless every row was written (by this writer or recorded with ``mark_written``).
 
         Raises:
-            StoreFormatError: some rows were never written (the temporary array is kept for inspection).
+            StoreFormatError: some rows were never written.
         """
         missing = np.flatnonzero(~self._written)
         if len(missing):
@@ -128,13 +113,12 @@ class ObsmWriter:
                 f"refusing to publish obsm/{self.key} in {self.store_path}: {len(missing)} of {self.n_obs} rows were "
                 f"never written (first: cell {int(missing[0])})"
             )
-        publish_dir(self.store_path / "obsm", self._tmp_name, self.key)
 
     def commit(self) -> None:
-        """Renames the temporary array over ``obsm/<key>`` and reconsolidates the store's metadata.
+        """Publishes the temporary array as ``obsm/<key>`` (atomically) and reconsolidates the store's metadata.
 
         Raises:
             StoreFormatError: some rows were never written (the temporary array is kept for inspection).
         """
-        self.publish()
-        consolidate(self.store_path)
+        self.check_complete()
+        publish_group(self.store_path, [self.rename])

@@ -8,11 +8,11 @@ AnnData's own zarr v2 encoding:
     categorical column  obs/<name>/codes           int array (chunked, written chunk by chunk)
                         obs/<name>/categories      string-array (known up front: the model's labels)
 
-``commit`` then renames every temporary element over its final name, appends the new names to the obs group's
-``column-order`` (its ``.zattrs`` rewritten through a temporary file and an atomic rename), and
-reconsolidates the store's metadata, so ``anndata.read_zarr`` sees the columns. A job killed before
-``commit`` leaves the store's previous obs (and the columns it listed) untouched: readers follow
-``column-order``, which still names only the old columns.
+``commit`` then publishes the columns as one group (``loaders.publish_journal``): every temporary element is
+renamed over its final name, the new names are appended to the obs group's ``column-order``, and the store's
+metadata is reconsolidated, so ``anndata.read_zarr`` sees the columns. A job killed before the journal is
+written leaves the store's previous obs (and the columns it listed) untouched; one killed after it is completed
+by the next open. ``write_back.WriteBack`` publishes the columns together with its obsm results instead.
 
 ``resume=True`` reopens temporary columns left by an interrupted job (same dtype or categories, same chunks)
 instead of recreating them; ``streamtotal.inference.write_back`` keeps the ledger of which rows they hold.
@@ -20,8 +20,6 @@ instead of recreating them; ``streamtotal.inference.write_back`` keeps the ledge
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +27,7 @@ import numpy as np
 import zarr
 
 from loaders.errors import StoreFormatError
-from loaders.obsm_writer import consolidate, publish_dir
+from loaders.publish_journal import Rename, publish_group, recover
 from loaders.store_layout import DENSE_ENCODING, ZARR_FORMAT, StoreLayoutConfig
 
 CATEGORICAL_ENCODING = {"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False}
@@ -62,6 +60,7 @@ class ObsColumnWriter:
                 f"{store_path} is not a local AnnData Zarr store with an obs group; results can be written back "
                 "only into stores made by `streamtotal ingest` (or anndata.write_zarr) on a local disk"
             )
+        recover(self.store_path)  # a half-done earlier publication is completed before anything is staged
         obs = zarr.open_group(str(self.obs_dir), mode="r+", zarr_format=ZARR_FORMAT, use_consolidated=False)
         index_key = obs.attrs.get("_index", "_index")
         for name in columns:
@@ -119,20 +118,16 @@ class ObsColumnWriter:
         """Directories of the temporary columns (``obs/.tmp-<name>``)."""
         return [self.obs_dir / f".tmp-{name}" for name in self.names]
 
-    def commit(self) -> None:
-        """Publishes the columns (rename, ``column-order``, consolidated metadata).
+    @property
+    def renames(self) -> list[Rename]:
+        """How the temporary columns are published (for ``publish_journal.publish_group``)."""
+        return [Rename("obs", f".tmp-{name}", name) for name in self.names]
+
+    def check_complete(self) -> None:
+        """Raises unless every row was written (by this writer or recorded with ``mark_written``).
 
         Raises:
-            StoreFormatError: some rows were never written (the temporary elements are kept).
-        """
-        self.publish()
-        consolidate(self.store_path)
-
-    def publish(self) -> None:
-        """Renames the columns into place and lists them in ``column-order`` (no reconsolidation).
-
-        Raises:
-            StoreFormatError: some rows were never written (the temporary elements are kept).
+            StoreFormatError: some rows were never written.
         """
         missing = np.flatnonzero(~self._written)
         if len(missing):
@@ -140,15 +135,15 @@ class ObsColumnWriter:
                 f"refusing to publish obs columns {self.names} in {self.store_path}: {len(missing)} of {self.n_obs} "
                 f"rows were never written (first: cell {int(missing[0])})"
             )
-        for name in self.names:
-            publish_dir(self.obs_dir, f".tmp-{name}", name)
-        attrs_path = self.obs_dir / ".zattrs"
-        attrs = json.loads(attrs_path.read_text())
-        order = list(attrs.get("column-order", []))
-        attrs["column-order"] = order + [n for n in self.names if n not in order]
-        tmp_attrs = self.obs_dir / ".zattrs.tmp"
-        tmp_attrs.write_text(json.dumps(attrs, indent=2))
-        os.replace(tmp_attrs, attrs_path)
+
+    def commit(self) -> None:
+        """Publishes the columns together (renames, ``column-order``, consolidated metadata).
+
+        Raises:
+            StoreFormatError: some rows were never written (the temporary elements are kept).
+        """
+        self.check_complete()
+        publish_group(self.store_path, self.renames, obs_columns=self.names)
 
 
 def _code_dtype(categories: Sequence[str]) -> str:

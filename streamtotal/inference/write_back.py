@@ -5,8 +5,11 @@ rows ``[u * unit_rows, (u + 1) * unit_rows)``). Each new element (an ``obsm`` ma
 hidden temporary array whose row chunks divide ``unit_rows``, so every zarr chunk belongs to exactly one unit
 and is written exactly once, whole (never read-modified-written across units, where a crash could tear a
 chunk that an earlier unit had completed). After a unit's rows are written, the unit is recorded in each
-element's progress ledger (``write_ledger``); only when every unit is done are the elements renamed over their
-final names and the consolidated metadata rebuilt. The store's previous result stays in place until then.
+element's progress ledger (``write_ledger``); only when every unit is done are the elements published, all of
+them as one group (``loaders.publish_journal``: a journal written atomically, then the renames, then the
+consolidated metadata), so a job killed at any instant leaves either every previous result or every new one,
+never a mix. The store's previous results stay in place until the journal is written; a journal left by a
+killed job is rolled forward by the next open of the store (``ZarrSource``) or the next write-back.
 
 Rerunning an interrupted write-back with the same fingerprint (the model file's hash, the method and its
 options, the cells, the targets, ``unit_rows``) reopens the temporary elements, skips the units in their
@@ -18,6 +21,8 @@ so a resumed result equals an uninterrupted one exactly.
 
 Fault injection for tests: ``STREAMTOTAL_FAIL_AFTER_CHUNKS=K`` makes a write-back raise ``InjectedFailure``
 right after its K-th unit of this process was written and recorded, as a job killed there would stop.
+``STREAMTOTAL_FAIL_AFTER_RENAMES=K`` makes ``commit`` raise it right after the K-th rename of its publication
+(K=0: everything staged, the journal not yet written).
 """
 
 from __future__ import annotations
@@ -31,17 +36,20 @@ from typing import Sequence
 import numpy as np
 
 from loaders.errors import StoreFormatError
-from loaders.obsm_writer import ObsmWriter, consolidate
+from loaders.object_store import refuse_url
+from loaders.obsm_writer import ObsmWriter
+from loaders.publish_journal import publish_group, recover
 from loaders.store_layout import StoreLayoutConfig
 from streamtotal.errors import ConfigError
 from streamtotal.inference import write_ledger
 from streamtotal.inference.obs_writer import ObsColumnWriter
 
 FAIL_ENV = "STREAMTOTAL_FAIL_AFTER_CHUNKS"
+FAIL_RENAMES_ENV = "STREAMTOTAL_FAIL_AFTER_RENAMES"
 
 
 class InjectedFailure(RuntimeError):
-    """Raised by ``STREAMTOTAL_FAIL_AFTER_CHUNKS`` (tests of resume only)."""
+    """Raised by ``STREAMTOTAL_FAIL_AFTER_CHUNKS`` and ``STREAMTOTAL_FAIL_AFTER_RENAMES`` (tests of interruptions)."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +108,12 @@ class WriteBack:
             raise ConfigError("a write-back needs at least one obsm or obs target")
         if isinstance(unit_rows, bool) or int(unit_rows) < 1:
             raise ConfigError(f"unit_rows (the batch size) must be >= 1; got {unit_rows!r}")
+        # Staging, ledgers and the publication journal need renames and locks that object storage lacks.
+        refuse_url(store, "results written back into a store (staged, resumable, published together)",
+                   "run this on a local copy of the store (aws s3 sync), or export with --export-h5ad")
         self.store, self.n_obs, self.unit_rows = Path(store), int(n_obs), int(unit_rows)
         self.n_units = -(-self.n_obs // self.unit_rows)
+        recover(self.store)  # a half-done earlier publication is completed before anything is staged or reused
         targets = {"obsm": [[t.key, t.n_columns, t.dtype] for t in obsm],
                    "obs": [[t.name, t.spec if isinstance(t.spec, str) else list(t.spec)] for t in obs]}
         self.fingerprint = write_ledger.fingerprint({**description, "targets": targets, "n_obs": self.n_obs,
@@ -182,25 +194,41 @@ class WriteBack:
             raise InjectedFailure(f"injected failure after {self.computed} write units ({FAIL_ENV})")
 
     def commit(self) -> None:
-        """Publishes every element (ledgers removed, renamed into place) and rebuilds consolidated metadata.
+        """Publishes every element as one group (ledgers removed, renamed into place, metadata reconsolidated).
 
         Raises:
             StoreFormatError: some unit was never written (the temporary elements and ledgers are kept).
+            InjectedFailure: under ``STREAMTOTAL_FAIL_AFTER_RENAMES``.
         """
         missing = sorted(set(range(self.n_units)) - self.done)
         if missing:
             raise StoreFormatError(f"refusing to publish into {self.store}: {len(missing)} of {self.n_units} write "
                                    f"units were never written (first: unit {missing[0]}); rerun the same command "
                                    "to finish them")
-        for element in self._dirs:
-            write_ledger.clear(element)
-        for writer in self._obsm.values():
-            writer.publish()
-        if self._obs:
-            self._obs.publish()
-        consolidate(self.store)
+        for writer in self._writers():
+            writer.check_complete()
+        renames = [w.rename for w in self._obsm.values()] + (self._obs.renames if self._obs else [])
+        # The ledgers are dropped inside the publication (not before it), so a job killed before the journal is
+        # written still resumes with every unit done.
+        publish_group(self.store, renames, obs_columns=self._obs.names if self._obs else (),
+                      drop_attrs=(write_ledger.LEDGER_KEY,), after_rename=_rename_failure_hook())
 
     def discard(self) -> None:
         """Deletes the temporary elements and their ledgers (the store's published results are untouched)."""
         for element in self._dirs:
             shutil.rmtree(element, ignore_errors=True)
+
+
+def _rename_failure_hook():
+    """The ``STREAMTOTAL_FAIL_AFTER_RENAMES`` hook for ``publish_group``, or None when it is not set."""
+    value = os.environ.get(FAIL_RENAMES_ENV)
+    if not value:
+        return None
+    fail_after = int(value)
+
+    def hook(renames_done: int) -> None:
+        if renames_done == fail_after:
+            raise InjectedFailure(f"injected failure after {renames_done} renames of a publication "
+                                  f"({FAIL_RENAMES_ENV})")
+
+    return hook

@@ -1,8 +1,9 @@
 """The progress ledger of a resumable write-back: which write units a temporary store element already holds.
 
 The ledger lives in the ``.zattrs`` of the temporary element itself (``obsm/.tmp-<key>``, ``obs/.tmp-<name>``)
-under ``LEDGER_KEY``, so it travels with the data it describes and disappears with it: a result published by
-the final rename carries no ledger, and a deleted temporary element takes its ledger along. Each update
+under ``LEDGER_KEY``, so it travels with the data it describes and disappears with it: the publication drops
+it (``publish_journal.publish_group(..., drop_attrs=[LEDGER_KEY])``) so a published result carries no ledger,
+and a deleted temporary element takes its ledger along. Each update
 rewrites ``.zattrs`` through a temporary file and an atomic rename, so a job killed at any instant leaves either
 the old or the new ledger, never a torn one. A unit is recorded only after its rows were written, so the
 ledger never claims rows that are not there (a unit written but not yet recorded is simply recomputed).
@@ -20,6 +21,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from loaders.object_store import ObjectPath
+
 LEDGER_KEY = "streamtotal_write_progress"
 
 
@@ -30,7 +33,10 @@ def fingerprint(description: dict) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file's bytes (the model or checkpoint a result came from), read 1 MiB at a time."""
+    """The sha256 of a file's bytes (the model or checkpoint a result came from, local or on object storage),
+    read 1 MiB at a time."""
+    if isinstance(path, ObjectPath):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -88,9 +94,3 @@ def update_attrs(element_dir: Path, extra: dict) -> None:
     attrs.update(extra)
     _write_attrs(element_dir, attrs)
 
-
-def clear(element_dir: Path) -> None:
-    """Removes the ledger from the element's attrs (before it is published under its final name)."""
-    attrs = _read_attrs(element_dir)
-    if attrs.pop(LEDGER_KEY, None) is not None:
-        _write_attrs(element_dir, attrs)
