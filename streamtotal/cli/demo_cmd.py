@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from streamtotal.demo import DemoConfig
+from streamtotal.cli.output_path import check_output_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_path(args.out, "--out", kind="file")
     from streamtotal.demo import run_demo
+    from streamtotal.cli.process_settings import tune_process_for_training
 
+    tune_process_for_training("auto")  # the demo trains on the default device
     run_demo(DemoConfig(out=args.out, n_cells=args.cells, epochs=args.epochs, seed=args.seed,
                         progress=not args.no_progress))

@@ -25,24 +25,25 @@ their batches mean the same; each store gets its own results.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import zarr
 
-from loaders.store_layout import ZARR_FORMAT
+from loaders.store_results import read_obs_codes, read_obs_column, read_obsm
 from streamtotal.data import open_collection
 from streamtotal.errors import ConfigError
-from streamtotal.inference.embed import collection_obs
 from streamtotal.inference.knn_transfer import KnnConfig, KnnLabelTransfer, reference_latent
 from streamtotal.inference.cell_stream import stream_blocks
 from streamtotal.inference.write_back import ObsmTarget, ObsTarget, WriteBack
 from streamtotal.inference.write_ledger import file_sha256
 from streamtotal.training.run_dir import TrainedModel, load_trained
-from streamtotal.training.trainer import resolve_device
+from streamtotal.device import resolve_device
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -173,7 +174,7 @@ def predict_labels_many(
         kept = _kept(n, k, n_latent) if keep else None
         local_ids = writer.pending_ids() if writer is not None else np.arange(n, dtype=np.int64)
         if writer is not None and writer.skipped and progress:
-            print(f"{store}: resumed: {writer.skipped} of {writer.n_units} chunks were already written")
+            logger.info("%s: resumed: %d of %d chunks were already written", store, writer.skipped, writer.n_units)
         for unit, b, _ in stream_blocks(collection, local_ids + offset, block_rows=batch_size, device=dev,
                                         desc=f"predict {Path(str(store)).name}", progress=progress, offset=offset):
             z = model.encode(b.rna, b.protein, b.protein_mask, b.batch, give_mean=True)
@@ -195,7 +196,7 @@ def predict_labels_many(
             written.update({what: f"obsm/{keys[what]}" for what in ("probs", "latent")})
             if kept is not None and writer.skipped:
                 kept = _read_back(store, keys, n)  # units done by the interrupted run were not recomputed here
-        codes = kept["code"] if kept is not None else (_read_codes(store, keys["label"]) if writer is not None
+        codes = kept["code"] if kept is not None else (read_obs_codes(store, keys["label"]) if writer is not None
                                                       else None)
         counts = np.bincount(codes, minlength=k) if codes is not None else np.zeros(k, dtype=np.int64)
         result = LabelPrediction(n_cells=n, label_names=names, counts=dict(zip(names, counts.tolist())),
@@ -273,26 +274,20 @@ def _store_writer(store, n: int, batch_size: int, description: dict, keys: dict[
                      protected=protected)
 
 
-def _read_codes(store, name: str) -> np.ndarray:
-    return np.asarray(zarr.open_group(str(Path(store) / "obs" / name), mode="r", zarr_format=ZARR_FORMAT,
-                                      use_consolidated=False)["codes"][:], dtype=np.int64)
-
-
 def _read_back(store, keys: dict[str, str], n: int) -> dict[str, np.ndarray]:
     """The published predictions of a store, for ``keep`` after a resumed write-back."""
-    root = zarr.open_group(str(store), mode="r", zarr_format=ZARR_FORMAT, use_consolidated=False)
-    return {"code": _read_codes(store, keys["label"]),
-            "probs": np.asarray(root["obsm"][keys["probs"]][:], dtype=np.float32),
-            "latent": np.asarray(root["obsm"][keys["latent"]][:], dtype=np.float32),
-            "uncertainty": np.asarray(root["obs"][keys["uncertainty"]][:], dtype=np.float32),
-            "entropy": np.asarray(root["obs"][keys["entropy"]][:], dtype=np.float32)}
+    return {"code": read_obs_codes(store, keys["label"]),
+            "probs": np.asarray(read_obsm(store, keys["probs"]), dtype=np.float32),
+            "latent": np.asarray(read_obsm(store, keys["latent"]), dtype=np.float32),
+            "uncertainty": np.asarray(read_obs_column(store, keys["uncertainty"]), dtype=np.float32),
+            "entropy": np.asarray(read_obs_column(store, keys["entropy"]), dtype=np.float32)}
 
 
 def _export(collection, result: LabelPrediction, keys: dict[str, str], path: Path) -> Path:
     import anndata as ad
     import pandas as pd
 
-    obs = collection_obs(collection)
+    obs = collection.obs_frame()
     obs[keys["label"]] = pd.Categorical(result.predicted, categories=result.label_names)
     obs[keys["uncertainty"]] = result.uncertainty
     obs[keys["entropy"]] = result.entropy

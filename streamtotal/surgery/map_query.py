@@ -14,6 +14,7 @@ and in model.pt); resuming with another recipe or reference is refused.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -34,6 +35,8 @@ from streamtotal.surgery.freeze import Freezing, SurgeryConfig, freeze
 from streamtotal.training.checkpoint import atomic_write_bytes
 from streamtotal.training.priors import estimate_priors
 from streamtotal.training.run_dir import RunDir, TrainedModel, load_trained
+
+logger = logging.getLogger(__name__)
 
 ALIGNMENT_FILE = "alignment.json"
 
@@ -102,13 +105,14 @@ def alignment_report(collection, reference: Registry, captured: list[str]) -> di
             "studies": studies, "warnings": captured}
 
 
-def _print_report(report: dict, out: Path) -> None:
+def _log_report(report: dict, out: Path) -> None:
     for s in report["studies"]:
-        print(f"streamtotal map: study {s['study']!r} ({s['n_cells']} cells): gene overlap {s['gene_overlap']:.1%}, "
-              f"{s['genes_missing_zero_filled']} genes zero-filled, {s['genes_dropped']} dropped; proteins masked "
-              f"{s['proteins_masked']}, dropped {s['proteins_dropped']}"
-              + (" (panel in another order, aligned by name)" if s["protein_order_differs"] else ""), flush=True)
-    print(f"streamtotal map: new batches {report['new_batches']}; report in {out / ALIGNMENT_FILE}", flush=True)
+        logger.info(f"streamtotal map: study {s['study']!r} ({s['n_cells']} cells): gene overlap "
+                    f"{s['gene_overlap']:.1%}, {s['genes_missing_zero_filled']} genes zero-filled, "
+                    f"{s['genes_dropped']} dropped; proteins masked {s['proteins_masked']}, dropped "
+                    f"{s['proteins_dropped']}"
+                    + (" (panel in another order, aligned by name)" if s["protein_order_differs"] else ""))
+    logger.info("streamtotal map: new batches %s; report in %s", report["new_batches"], out / ALIGNMENT_FILE)
 
 
 def _check_resume(out: Path, surgery_record: dict) -> None:
@@ -137,7 +141,7 @@ def build_query_trainer(reference_run, stores, out, *, surgery: SurgeryConfig = 
         min_gene_overlap: refuse a query study sharing less of the reference's genes (default: the reference's).
         train: other [train] overrides (e.g. ``{"batch_size": 128, "weight_decay": 0.0}``).
         resume: continue from the newest checkpoint in ``out``.
-        verbose: print the alignment summary (rank 0).
+        verbose: log the alignment summary (rank 0; logger ``streamtotal.surgery.map_query``, INFO).
 
     Returns:
         ``(trainer, report)``.
@@ -171,7 +175,7 @@ def build_query_trainer(reference_run, stores, out, *, surgery: SurgeryConfig = 
         text = json.dumps(report, indent=1)
         atomic_write_bytes(out / ALIGNMENT_FILE, lambda f: f.write(text.encode()))
         if verbose:
-            _print_report(report, out)
+            _log_report(report, out)
 
     tc = config.train
     resuming = resume and RunDir(out).has_checkpoints()
