@@ -153,8 +153,8 @@ def train_reference(store: Path, run: Path, epochs: int) -> float:
 def compare_weights(a: Path, b: Path) -> list[str]:
     import torch
 
-    sa = torch.load(a / "model.pt", map_location="cpu", weights_only=False)["model"]
-    sb = torch.load(b / "model.pt", map_location="cpu", weights_only=False)["model"]
+    sa = torch.load(a / "model.pt", map_location="cpu", weights_only=True)["model"]
+    sb = torch.load(b / "model.pt", map_location="cpu", weights_only=True)["model"]
     return sorted(k for k in set(sa) | set(sb) if k not in sa or k not in sb or not torch.equal(sa[k], sb[k]))
 
 

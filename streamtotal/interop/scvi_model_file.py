@@ -4,7 +4,8 @@ scvi-tools' ``model.save(DIR)`` writes ``DIR/model.pt``: a dict with ``model_sta
 weights), ``var_names`` (the genes) and ``attr_dict`` (``init_params_`` with the constructor's arguments, and
 ``registry_``: the AnnData setup, i.e. the batch, label and protein fields with their categories and names).
 This module only reads and checks that file; no torch module of scvi-tools is built, so scvi-tools itself need
-not be installed. What cannot be imported faithfully is refused here, with the field and the value found.
+not be installed. Such directories are downloaded from the internet: the file is loaded with ``weights_only=True``
+(``streamtotal.safe_load``), so one holding objects that would run code is refused without running them. What cannot be imported faithfully is refused here, with the field and the value found.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from streamtotal.errors import InteropError
+from streamtotal.safe_load import UnreadableFileError, UnsafeFileError, is_inert, load_weights_only
 
 SUPPORTED_MODELS = ("TOTALVI", "TOTALANVI")
 """scvi-tools model classes this importer understands."""
@@ -100,12 +102,25 @@ def read_scvi_model(model_dir: str | Path) -> ScviModel:
     if not file.is_file():
         raise InteropError(f"{path} holds no model.pt; pass the directory written by scvi-tools' model.save(DIR)")
     try:
-        saved = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch and pickle raise many types for foreign or corrupt files
-        raise InteropError(f"{file} cannot be read as a scvi-tools model ({type(e).__name__}: {e})") from e
+        # pandas objects (the training history_, which is not read) load as inert stand-ins: no pandas code runs.
+        saved = load_weights_only(file, inert_modules=("pandas",))
+    except UnsafeFileError as e:
+        raise InteropError(
+            f"{file} holds objects that would run code when loaded ({', '.join(e.names)}); it is not loaded. A "
+            "scvi-tools model file holds tensors, numpy arrays, pandas tables and plain values only: do not use "
+            "this file"
+        ) from e
+    except UnreadableFileError as e:
+        raise InteropError(f"{file} cannot be read as a scvi-tools model, it is truncated or damaged "
+                           f"({e.reason})") from e
     if not isinstance(saved, dict) or "model_state_dict" not in saved or "attr_dict" not in saved:
         raise InteropError(f"{file} is not a scvi-tools model file (no model_state_dict / attr_dict)")
     attrs = saved["attr_dict"]
+    if not isinstance(attrs, dict):
+        raise InteropError(f"{file}: attr_dict is a {type(attrs).__name__}, not a dict")
+    for name, value in (("var_names", saved.get("var_names")), ("attr_dict.registry_", attrs.get("registry_")),
+                        ("attr_dict.init_params_", attrs.get("init_params_"))):
+        _refuse_inert(file, name, value)
     registry = attrs.get("registry_", {})
     model_name = registry.get("model_name")
     if model_name not in SUPPORTED_MODELS:
@@ -115,6 +130,8 @@ def read_scvi_model(model_dir: str | Path) -> ScviModel:
     setup = registry.get("setup_args", {})
     _check_options(file, kwargs, fields, setup, registry)
 
+    if not isinstance(saved["model_state_dict"], dict):
+        raise InteropError(f"{file}: model_state_dict is a {type(saved['model_state_dict']).__name__}, not a dict")
     state = {k: v for k, v in saved["model_state_dict"].items() if isinstance(v, torch.Tensor)}
     genes = [str(g) for g in _state(fields, "X").get("column_names", saved.get("var_names", []))]
     proteins_state = _state(fields, "proteins")
@@ -146,6 +163,22 @@ def read_scvi_model(model_dir: str | Path) -> ScviModel:
         batch_key=batch_key, batch_categories=batches, labels_key=labels_key,
         label_categories=label_categories or [], unlabeled_category=unlabeled, protein_batch_mask=mask,
     )
+
+
+def _refuse_inert(file: Path, where: str, value: Any) -> None:
+    """Refuses a field the import reads that holds a pandas object (loaded as an inert stand-in, see safe_load)."""
+    if is_inert(value):
+        raise InteropError(f"{file}: {where} holds a pandas object, which is not loaded (unpickling it would run "
+                           "pandas code); this importer reads plain values and numpy arrays there")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_inert(file, f"{where}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _refuse_inert(file, f"{where}[{i}]", item)
+    elif isinstance(value, np.ndarray) and value.dtype == object:
+        for i, item in enumerate(value.ravel()):
+            _refuse_inert(file, f"{where}[{i}]", item)
 
 
 def _init_kwargs(attrs: dict) -> dict[str, Any]:

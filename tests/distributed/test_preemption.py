@@ -48,7 +48,7 @@ def test_stop_signal_checkpoints_the_current_step_then_resume_finishes(store, tm
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, out
     assert "checkpointed step" in out
-    ckpt = torch.load(latest_checkpoint(run), weights_only=False)
+    ckpt = torch.load(latest_checkpoint(run), weights_only=True)
     logged = max(r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train")
     assert ckpt["step"] >= logged >= 3  # nothing since the last periodic checkpoint (none: every 1000) is lost
     total = ckpt["loader"]["fingerprint"]["n_ids"]
@@ -75,7 +75,7 @@ def test_torchrun_max_restarts_recovers_from_an_injected_failure(store, tmp_path
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "injected failure after step 5" in proc.stdout + proc.stderr
-    ckpt = torch.load(latest_checkpoint(run), weights_only=False)
+    ckpt = torch.load(latest_checkpoint(run), weights_only=True)
     steps_per_epoch = -(-(810 // 2 + 1) // 64)  # 810 training cells over 2 ranks
     assert ckpt["step"] == 2 * steps_per_epoch and (run / "model.pt").is_file()
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]

@@ -60,7 +60,7 @@ def test_ddp_training_on_two_gloo_ranks_writes_once_from_rank_zero(store, tmp_pa
                "--batch-size", "64", "--n-latent", "3", "--n-hidden", "16", "--checkpoint-every", "4",
                "--no-progress", "--threads", "1"], cwd=tmp_path)
     assert (run / "model.pt").is_file()
-    ckpt = torch.load(sorted(run.glob("ckpt-*.pt"))[-1], weights_only=False)
+    ckpt = torch.load(sorted(run.glob("ckpt-*.pt"))[-1], weights_only=True)
     assert ckpt["world_size"] == 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if r["kind"] == "train"]
@@ -108,7 +108,7 @@ def test_query_mapping_under_torchrun_trains_new_batches_with_the_reference_froz
                       "--threads", "1"], cwd=tmp_path)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1 and lines[0]["new_batches"] == ["query_0", "query_1"]  # rank 0 alone reports
-    ckpt = torch.load(sorted(out.glob("ckpt-*.pt"))[-1], weights_only=False)
+    ckpt = torch.load(sorted(out.glob("ckpt-*.pt"))[-1], weights_only=True)
     assert ckpt["world_size"] == 2
     # 450 training cells over 2 ranks: ceil(225 / 64) = 4 steps per epoch on every rank
     assert ckpt["step"] == 8

@@ -111,7 +111,7 @@ def test_from_totalvi_run_copies_shared_weights_and_totalvi_runs_cannot_predict(
     assert config.data.stores == (str(small_store),) and config.model.n_latent == 4
     assert config.model.label_classifier and config.model.classification_ratio == 10.0
     trainer = Trainer(config, tmp_path / "anvi")
-    src = torch.load(source / "model.pt", weights_only=False)["model"]
+    src = torch.load(source / "model.pt", weights_only=True)["model"]
     new = trainer.model.state_dict()
     assert set(new) - set(src) and all(k.startswith("label_classifier.") for k in set(new) - set(src))
     for key, value in src.items():

@@ -199,7 +199,7 @@ def test_query_training_under_ddp_on_two_gloo_ranks_keeps_the_reference_frozen(s
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count('"new_batches"') == 1  # rank 0 reports, once
-    ckpt = torch.load(list_checkpoints(out)[-1], weights_only=False)
+    ckpt = torch.load(list_checkpoints(out)[-1], weights_only=True)
     assert ckpt["world_size"] == 2
     reference = load_trained(reference_run).model.state_dict()
     mapped = load_trained(out).model

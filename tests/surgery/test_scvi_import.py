@@ -21,6 +21,7 @@ from streamtotal.errors import InteropError, RunDirError  # noqa: E402
 from streamtotal.inference.embed import embed  # noqa: E402
 from streamtotal.inference.labels import predict_labels  # noqa: E402
 from streamtotal.interop import import_scvi_model  # noqa: E402
+from streamtotal.safe_load import load_weights_only  # noqa: E402
 from streamtotal.simulate import CiteSimulator, SimulationConfig  # noqa: E402
 from streamtotal.surgery.map_query import map_query  # noqa: E402
 from streamtotal.training.run_dir import load_trained  # noqa: E402
@@ -248,7 +249,8 @@ def test_map_query_onto_imported_reference(totalvi, tmp_path):
 
 
 def _edited_copy(model_dir, out_dir, edit):
-    saved = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=False)
+    saved = load_weights_only(model_dir / "model.pt", inert_modules=("pandas",))
+    del saved["attr_dict"]["history_"]  # pandas tables, loaded as inert stand-ins that would not load back
     edit(saved["attr_dict"])
     out_dir.mkdir()
     torch.save(saved, out_dir / "model.pt")
@@ -277,3 +279,28 @@ def test_refuses_extra_covariates_missing_file_and_existing_run(totalvi, tmp_pat
     import_scvi_model(model_dir, tmp_path / "run")
     with pytest.raises(RunDirError, match="already exists"):
         import_scvi_model(model_dir, tmp_path / "run")
+
+
+class _TouchPayload:
+    """Unpickled with weights_only=False, creates MARKER through a builtin (harmless; nothing must run it)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_cli_refuses_a_downloaded_model_that_would_run_code(totalvi, tmp_path):
+    import subprocess
+    import sys
+
+    model_dir, _, _ = totalvi
+    marker = tmp_path / "marker"
+    bad = _edited_copy(model_dir, tmp_path / "downloaded",
+                       lambda a: a["registry_"]["setup_args"].__setitem__("layer", _TouchPayload(marker)))
+    proc = subprocess.run([sys.executable, "-m", "streamtotal", "import-scvi", str(bad), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert str(bad / "model.pt") in proc.stderr and "would run code" in proc.stderr and "io.open" in proc.stderr
+    assert "Traceback" not in proc.stderr and not marker.exists() and not (tmp_path / "run").exists()
