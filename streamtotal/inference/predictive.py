@@ -7,13 +7,15 @@ Batch-level functions take a model in eval mode and a ``CiteBatch``; the store-l
 * Posterior predictive: z ~ q(z | x, y, s), l observed (or drawn from q(l)), log beta ~ q(log beta | z, s), a
   Bernoulli(pi) background/foreground choice per protein, then NB draws with means l * rho (RNA) and beta or
   beta * alpha (protein). Proteins a study did not measure are drawn too (they are the model's imputation).
-* ELBO: a one-draw estimate with analytic KL terms, exactly the model's ``neg_elbo`` (KL weight 1, w_p = 1);
+* ELBO: a one-draw estimate with analytic KL terms, exactly the model's ``neg_elbo`` (KL weight 1, w_p = 1), the
+  z term under the model's own prior (``TotalVAE.with_z_prior``: N(0, I) or the m2 label prior);
   reconstruction error = ``rna_nll + protein_nll`` of that draw (measured proteins only).
 * Marginal log-likelihood: log p(x, y | s) ~= logsumexp_k log w_k - log K, log w = log p(x | z, l) +
   log p(y | z, beta) + log p(z) - log q(z) + log p(log beta) - log q(log beta) (+ log p(log l) - log q(log l)
-  for a latent library). Densities of beta are taken on log beta in both p and q, so the Jacobians cancel;
-  unmeasured proteins enter neither. K draws are taken ``chunk_size`` at a time (memory: ``chunk_size *
-  batch_size * (G + T)`` floats) and merged with a running logsumexp.
+  for a latent library), log p(z) the model's own prior (the m2 label prior's estimated per draw). Densities of
+  beta are taken on log beta in both p and q, so the Jacobians cancel; unmeasured proteins enter neither. K draws
+  are taken ``chunk_size`` at a time (memory: ``chunk_size * batch_size * (G + T)`` floats) and merged with a
+  running logsumexp.
 
 Randomness comes from an explicit ``torch.Generator`` (posterior draws) and a numpy ``Generator`` (Bernoulli and
 NB draws of the predictive), both seeded per block of ``batch_size`` consecutive store rows from ``(seed,
@@ -116,7 +118,10 @@ def elbo_terms(model: TotalVAE, batch: CiteBatch, *, generator: torch.Generator 
     draws = draw_posterior(model, batch, 1, sample=True, generator=generator)
     inf = model.inference(batch.rna, batch.protein, batch.protein_mask, batch.batch, sample=False)
     inf = replace(inf, z=draws.z[0], log_library=draws.log_library[0])
-    return model.loss(batch, inf, decode(model, draws, batch.batch), kl_weight=1.0)
+    out = model.loss(batch, inf, decode(model, draws, batch.batch), kl_weight=1.0)
+    # The z term of the model's own prior, as in training (the m2 label prior draws its z2 from ``generator`` last,
+    # as training draws them after z, log l and log beta).
+    return model.with_z_prior(out, batch.label, 1.0, generator=generator)
 
 
 @torch.no_grad()
@@ -124,6 +129,10 @@ def log_importance_weights(
     model: TotalVAE, batch: CiteBatch, n_samples: int, *, generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``[n_samples, B]`` float32 log importance weights log p(x, y, z, beta (, l)) - log q(z, beta (, l) | x, y).
+
+    log p(z) is the model's prior (``TotalVAE.log_prior_z``): N(0, I), or for an m2 label prior its estimate with
+    one z2 per label drawn from ``generator`` right after z (the labels are summed over: the weights are those of
+    the counts alone, whether or not a cell is labelled).
 
     Raises:
         ConfigError, ModelInputError: ``n_samples`` < 1, training mode, or a batch that does not fit.
@@ -135,8 +144,8 @@ def log_importance_weights(
     qz_scale = inf.qz_var.sqrt()
     noise = torch.randn((n_samples, n, k), generator=generator, device=qz_scale.device, dtype=qz_scale.dtype)
     z = inf.qz_mean + qz_scale * noise
-    log_w = (_normal_log_prob(z, torch.zeros_like(z), torch.ones_like(z))
-             - _normal_log_prob(z, inf.qz_mean, qz_scale)).sum(-1)
+    log_prior_z = model.log_prior_z(z.reshape(n_samples * n, k), generator).view(n_samples, n)
+    log_w = log_prior_z - _normal_log_prob(z, inf.qz_mean, qz_scale).sum(-1)
     if inf.ql_mean is None:
         log_library = inf.log_library.expand(n_samples, n)
     else:

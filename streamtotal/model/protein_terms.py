@@ -17,9 +17,16 @@ from streamtotal.model.likelihoods import log_nb_mixture_from_log_means
 def torch_protein_terms(y, mask, log_back, back_scale, back_mean, fore_scale, mix_logits, theta, prior_mean,
                         prior_log_scale) -> tuple[torch.Tensor, torch.Tensor]:
     """``protein_terms`` in torch operations (any device and float dtype, autograd)."""
-    # Unmeasured entries are replaced before the likelihood so that whatever they hold cannot make a NaN that would
-    # leak into gradients through the masked-out branch.
+    # Every [B, T] input is replaced at unmeasured entries by a harmless value before anything is computed from it.
+    # Masking only the result would not do: a NaN or inf there (a count, a decoder output, a prior never fitted for
+    # that protein) makes a NaN local derivative, and the masked-out branch's zero gradient times NaN is NaN, which
+    # reaches every weight. torch.where gives the replaced entries an exact zero gradient, as the kernel does.
     y = torch.where(mask, y, 0.0)
+    log_back, back_mean, mix_logits, prior_mean, prior_log_scale = (
+        torch.where(mask, v, 0.0) for v in (log_back, back_mean, mix_logits, prior_mean, prior_log_scale))
+    back_scale, fore_scale = (torch.where(mask, v, 1.0) for v in (back_scale, fore_scale))
+    if theta.shape == mask.shape:  # one theta per protein ([T]) is a shared parameter, not an unmeasured entry
+        theta = torch.where(mask, theta, 1.0)
     ll = log_nb_mixture_from_log_means(y, log_back, log_back + fore_scale.log(), theta.log(), mix_logits)
     nll = -torch.where(mask, ll, 0.0).sum(dim=1)
     prior_var = (2.0 * prior_log_scale).exp()
@@ -64,10 +71,11 @@ def protein_terms(
 
     ``log p(y_t)`` is ``log_nb_mixture_from_log_means(y, log_back, log_back + log fore_scale, log theta,
     mix_logits)``; the KL is between N(back_mean, back_scale^2) and N(prior_mean, exp(prior_log_scale)^2).
-    Differentiable in everything but ``y`` and ``mask``.
+    Differentiable in everything but ``y`` and ``mask``. Unmeasured entries may hold anything, NaN and inf included:
+    they add nothing to either term and get a zero gradient, on both paths.
 
     Args:
-        y: ``[B, T]`` protein counts (any value where unmeasured).
+        y: ``[B, T]`` protein counts.
         mask: ``[B, T]`` bool, True where measured.
         log_back: ``[B, T]`` log background means (sampled in training).
         back_scale: ``[B, T]`` posterior scale of the log background, > 0.

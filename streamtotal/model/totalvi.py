@@ -27,6 +27,8 @@ float32, so only the matmuls run in reduced precision.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -368,21 +370,54 @@ class TotalVAE(nn.Module):
         out = self.loss(batch, inference, generative, kl_weight)
         if self.label_classifier is not None:  # totalANVI
             out = add_classification_loss(out, self.label_classifier, batch.label, self.config.classification_ratio)
-            if self.label_prior is not None:
-                out = self._with_label_prior(out, batch.label, kl_weight)
+            out = self.with_z_prior(out, batch.label, kl_weight)
         return out
 
-    def _with_label_prior(self, out: LossOutput, labels: torch.Tensor, kl_weight: float) -> LossOutput:
-        """Replaces KL(q(z) || N(0, I)) by the label-conditional prior's z term (label_prior.py) in the ELBO and
-        the loss. Unlabelled cells are weighted by the classifier's p(y | z) on the sampled z (as scvi-tools)."""
+    def with_z_prior(self, out: LossOutput, labels: torch.Tensor, kl_weight: float,
+                     generator: torch.Generator | None = None) -> LossOutput:
+        """``out`` (from ``loss``, in place) with the z term of the model's own prior of z.
+
+        ``loss`` takes KL(q(z) || N(0, I)); with ``config.label_prior = "m2"`` this replaces it, in the ELBO and the
+        loss, by the label-conditional prior's z term (label_prior.py), unlabelled cells weighted by the
+        classifier's p(y | z) on the sampled z (as scvi-tools). Training (``forward``) and the ELBO of
+        inference/predictive.py both go through here, so they are the same function. Without a label prior ``out``
+        is returned unchanged.
+
+        Args:
+            out: ``loss(...)``'s output; its ``inference.z`` is the z sample the term is taken at.
+            labels: ``[B]`` int64 label codes; < 0 = unlabelled.
+            kl_weight: the KL warm-up weight the loss was computed with.
+            generator: random source of the prior's z2 draws (None: torch's global one).
+
+        Returns:
+            ``out``.
+        """
+        if self.label_prior is None:
+            return out
         inf = out.inference
         probs = torch.softmax(self.label_classifier(inf.z), dim=-1)
-        kl_z = self.label_prior.kl_z(inf.z, inf.qz_mean, inf.qz_var, probs, labels)
+        kl_z = self.label_prior.kl_z(inf.z, inf.qz_mean, inf.qz_var, probs, labels, generator=generator)
         change = kl_z - out.kl_z
         out.loss = out.loss + kl_weight * change.mean()
         out.neg_elbo = out.neg_elbo + change
         out.kl_z = kl_z
         return out
+
+    def log_prior_z(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """log p(z) under the model's prior: N(0, I), or with ``config.label_prior = "m2"`` the log of an unbiased
+        importance-sampled estimate of the label-conditional prior's density (``LabelConditionalPrior.log_prior``).
+        The marginal likelihood (inference/predictive.py) takes it.
+
+        Args:
+            z: ``[N, n_latent]`` latents.
+            generator: random source of the m2 prior's z2 draws (None: torch's global one).
+
+        Returns:
+            ``[N]`` float32.
+        """
+        if self.label_prior is not None:
+            return self.label_prior.log_prior(z, generator)
+        return -0.5 * (z.float().square() + math.log(2.0 * math.pi)).sum(-1)
 
     def _check_shapes(self, rna, protein, protein_mask, batch) -> None:
         n = rna.shape[0]

@@ -135,3 +135,93 @@ def test_importance_weights_average_to_minus_neg_elbo_with_a_latent_library(post
     assert (diff < 4 * se).all(), (diff / se).tolist()
     terms = predictive.elbo_terms(model, batch, generator=gen)
     assert (4 * se < terms.kl_library).all() and (4 * se < terms.kl_background).all()  # a missing term would show
+
+
+# ----------------------------------------------------------------------------- the m2 label prior of totalANVI
+
+N_LABELS = 3
+
+
+def _m2_model(registry):
+    from streamtotal.model.config import ModelConfig
+    from streamtotal.model.totalvi import TotalVAE
+
+    torch.manual_seed(0)
+    config = ModelConfig(n_latent=4, n_hidden=16, label_classifier=True, label_prior="m2")
+    return TotalVAE(config, registry.n_genes, registry.n_proteins, len(registry.batch_categories),
+                    n_labels=N_LABELS).eval()
+
+
+def _labelled_batch(post):
+    """Cells of both batches (the second lacks two proteins), half of them labelled."""
+    from dataclasses import replace
+
+    batch = _read(post, np.r_[0:8, 300:308])
+    labels = torch.arange(len(batch)) % N_LABELS
+    labels[1::2] = -1
+    return replace(batch, label=labels)
+
+
+@torch.no_grad()
+def test_elbo_of_an_m2_model_is_its_training_loss_terms(post):
+    model = _m2_model(post.registry)
+    batch = _labelled_batch(post)
+    # Training draws z, log beta, then the prior's z2 from torch's global generator; elbo_terms draws them in the
+    # same order from its own: seeded alike, both see the same draws.
+    torch.manual_seed(3)
+    trained = model(batch, kl_weight=1.0)
+    got = predictive.elbo_terms(model, batch, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got.z, trained.z)
+    for term in predictive.ELBO_TERMS:
+        torch.testing.assert_close(getattr(got, term), getattr(trained, term), msg=lambda m: f"{term}: {m}")
+    # the z term is the label prior's, not KL(q(z) || N(0, I)) (what the ELBO used to take)
+    inf = got.inference
+    standard = 0.5 * (inf.qz_var + inf.qz_mean.square() - 1.0 - inf.qz_var.log()).sum(1)
+    assert (got.kl_z - standard).abs().min() > 1e-2
+
+
+@torch.no_grad()
+def test_importance_weights_of_an_m2_model_use_its_label_prior(post):
+    from torch.distributions import Normal
+
+    model = _m2_model(post.registry)
+    prior = model.label_prior
+    batch = _labelled_batch(post)
+    s = 3
+    got = predictive.log_importance_weights(model, batch, s, generator=torch.Generator().manual_seed(4))
+
+    # Directly, with the draws in the function's order: z, the z2 of every (label, draw), then log beta noise.
+    g = torch.Generator().manual_seed(4)
+    inf = model.inference(batch.rna, batch.protein, batch.protein_mask, batch.batch, sample=False)
+    n, k = inf.qz_mean.shape
+    z = inf.qz_mean + inf.qz_var.sqrt() * torch.randn((s, n, k), generator=g)
+    flat = z.reshape(s * n, k)
+    eps = torch.randn((N_LABELS * s * n, k), generator=g)  # label-major
+    per_label = []
+    for label in range(N_LABELS):
+        codes = torch.full((s * n,), label)
+        m2, log_v2 = prior.z2_head(prior.z2_encoder(flat, codes)).chunk(2, -1)
+        q_z2 = Normal(m2, (log_v2.exp() + 1e-4).sqrt())
+        z2 = m2 + q_z2.scale * eps[label * s * n:(label + 1) * s * n]
+        p_mean, p_log_var = prior.z_head(prior.z_decoder(z2, codes)).chunk(2, -1)
+        p_z = Normal(p_mean, (p_log_var.exp() + 1e-4).sqrt())
+        per_label.append(p_z.log_prob(flat).sum(1) + Normal(0.0, 1.0).log_prob(z2).sum(1) - q_z2.log_prob(z2).sum(1))
+    # log p(z) = log (1/K) sum_y p(z | y): the labels are summed over, labelled cells too
+    log_p_z = torch.logsumexp(torch.stack(per_label, 1), 1) - math.log(N_LABELS)
+    standard = Normal(0.0, 1.0).log_prob(flat).sum(1)
+    assert (log_p_z - standard).abs().mean() > 0.1  # the check is not vacuous: N(0, I) would fail it
+
+    gen = model.generative(flat, inf.log_library.repeat(s), batch.batch.repeat(s), sample_background=False)
+    log_back = gen.back_mean + gen.back_scale * torch.randn(gen.back_mean.shape, generator=g)
+    rna_ll = log_nb(batch.rna.repeat(s, 1), gen.rna_rate, gen.rna_log_theta.exp()).sum(1)
+    mask = batch.protein_mask.repeat(s, 1)
+    protein = torch.where(batch.protein_mask, batch.protein, 0.0).repeat(s, 1)
+    protein_ll = log_nb_mixture(protein, log_back.exp(), log_back.exp() * gen.fore_scale, gen.protein_theta,
+                                gen.mix_logits)
+    codes = batch.batch.repeat(s)
+    back_prior = Normal(model.background_prior_mean[codes], model.background_prior_log_scale[codes].exp())
+    back_terms = back_prior.log_prob(log_back) - Normal(gen.back_mean, gen.back_scale).log_prob(log_back)
+    per_draw = rna_ll + torch.where(mask, protein_ll + back_terms, 0.0).sum(1)
+    log_q_z = Normal(inf.qz_mean, inf.qz_var.sqrt()).log_prob(z).sum(-1)
+    expected = (log_p_z + per_draw).view(s, n) - log_q_z
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)

@@ -38,6 +38,16 @@ def available() -> bool:
             and not torch.compiler.is_compiling())
 
 
+def describe() -> str:
+    """Which path computes the likelihoods and layers, in words: for ``streamtotal info`` and the run log."""
+    if _nb is None:
+        return "torch operations (the compiled kernels were not built: no C compiler or OpenMP at install)"
+    if os.environ.get("STREAMTOTAL_NATIVE", "1") == "0":
+        return "torch operations (compiled kernels turned off by STREAMTOTAL_NATIVE=0)"
+    return (f"compiled CPU kernels ({_nb.__name__}) for CPU float32; torch operations on GPUs, "
+            "under torch.compile and in other precisions")
+
+
 def float32_cpu(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can take these tensors: compiled kernels available and all CPU float32."""
     return available() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
@@ -130,15 +140,15 @@ def protein_forward(y: torch.Tensor, mask: torch.Tensor, log_back: torch.Tensor,
     ``with_grad``). Call only where ``float32_cpu`` holds for every tensor but the mask.
 
     Args:
-        y: ``[B, T]`` counts (any value where unmeasured).
+        y: ``[B, T]`` counts (any value where unmeasured, as every other ``[B, T]`` input).
         mask: ``[B, T]`` bool, True where measured.
         log_back, back_scale, back_mean, fore_scale, mix_logits, prior_mean, prior_log_scale: ``[B, T]``.
         theta: ``[T]`` (one per protein) or ``[B, T]``.
         with_grad: store the elementwise derivatives for ``protein_backward``.
     """
     n, t = y.shape
-    on = mask.to(torch.float32)
-    y = torch.where(mask, y, 0.0)  # an unmeasured entry may hold anything (NaN too); the kernel needs a finite count
+    on = mask.to(torch.float32)  # the kernel selects measured entries by it: unmeasured ones may hold NaN or inf
+    y = y.detach().contiguous()
     args = [a.detach().contiguous() for a in (log_back, back_scale, back_mean, fore_scale, mix_logits, theta,
                                               prior_mean, prior_log_scale)]
     theta_stride = 0 if theta.dim() == 1 else t

@@ -11,8 +11,9 @@
  *   kl = pls - log s + (s^2 + (m - pm)^2) / (2 exp(2 pls)) - 1/2
  *
  * which is y log mu - (theta + y) log(theta + mu) + theta log theta + ... rewritten with log(theta + mu) = log theta +
- * softplus(log mu - log theta), so no two nearly equal logarithms are subtracted at large theta. Per cell it returns
- * nll = -sum_t ll and kl = sum_t kl over the measured proteins.
+ * softplus(log mu - log theta), so no two nearly equal logarithms are subtracted at large theta: the decomposition of
+ * the torch path too (likelihoods.log_nb_mixture_from_log_means), which takes C in float32 by Stirling's series where
+ * this kernel takes it in float64. Per cell it returns nll = -sum_t ll and kl = sum_t kl over the measured proteins.
  *
  * In torch these are ~60 operations forward and ~100 backward on [B, T] tensors (B = 256, T = 50): ~1.8 ms of a CPU
  * step spent mostly dispatching. Here the forward is one pass that also stores the elementwise derivatives, and the
@@ -67,7 +68,10 @@ static inline __attribute__((always_inline)) void protein_row(
     double ll_sum = 0.0, kl_sum = 0.0;
     for (int64_t t = 0; t < n_prot; t++) {
         const int64_t i = t; /* the row's own pointers: every array below starts at this cell */
-        const double on = mask[i], yv = y[i];
+        /* Unmeasured entries are selected out, never multiplied by 0: whatever they hold (NaN, inf) would make
+         * 0 * NaN = NaN of the cell's sums and of its gradients. */
+        const int on = mask[i] != 0.0f;
+        const double yv = y[i];
         const double th = th_row[t], lth = log(th), lb = log_back[i], a = fore_scale[i], pi = mix_logits[i];
         const double d_b = lb - lth, d_f = d_b + log(a);
         const double e_b = exp(-fabs(d_b)), e_f = exp(-fabs(d_f)), e_pi = exp(-fabs(pi));
@@ -78,11 +82,11 @@ static inline __attribute__((always_inline)) void protein_row(
         const double fore = yv * d_f - ty * sp_f - sp_pi;
         const double gap = fore - back, e_gap = exp(-fabs(gap));
         const double coeff = lgamma_pos(yv + th) - lgamma_pos(th) - lgamma_pos(yv + 1.0);
-        ll_sum += on * (coeff + fmax(back, fore) + log(1.0 + e_gap));
+        ll_sum += on ? coeff + fmax(back, fore) + log(1.0 + e_gap) : 0.0;
 
         const double s = back_scale[i], dm = (double)back_mean[i] - (double)prior_mean[i];
         const double pls = prior_log_scale[i], inv_v = exp(-2.0 * pls), q = (s * s + dm * dm) * inv_v;
-        kl_sum += on * (pls - log(s) + 0.5 * q - 0.5);
+        kl_sum += on ? pls - log(s) + 0.5 * q - 0.5 : 0.0;
 
         if (with_local) {
             const double w = sigmoid_from(gap, e_gap); /* posterior probability of the foreground */
@@ -91,13 +95,13 @@ static inline __attribute__((always_inline)) void protein_row(
             const double dth_b = sig_b - sp_b - yv * (1.0 - sig_b) / th;  /* d back / d theta */
             const double dth_f = sig_f - sp_f - yv * (1.0 - sig_f) / th;
             const double dpsi = digamma_pos(yv + th) - digamma_pos(th);
-            l0[i] = (float)(on * ((1.0 - w) * dback + w * dfore));
-            l1[i] = (float)(on * w * dfore / a);
-            l2[i] = (float)(on * ((1.0 - w) - sigmoid_from(pi, e_pi)));
-            l3[i] = (float)(on * (dpsi + (1.0 - w) * dth_b + w * dth_f));
-            l4[i] = (float)(on * (s * inv_v - 1.0 / s));
-            l5[i] = (float)(on * dm * inv_v);
-            l6[i] = (float)(on * (1.0 - q));
+            l0[i] = on ? (float)((1.0 - w) * dback + w * dfore) : 0.0f;
+            l1[i] = on ? (float)(w * dfore / a) : 0.0f;
+            l2[i] = on ? (float)((1.0 - w) - sigmoid_from(pi, e_pi)) : 0.0f;
+            l3[i] = on ? (float)(dpsi + (1.0 - w) * dth_b + w * dth_f) : 0.0f;
+            l4[i] = on ? (float)(s * inv_v - 1.0 / s) : 0.0f;
+            l5[i] = on ? (float)(dm * inv_v) : 0.0f;
+            l6[i] = on ? (float)(1.0 - q) : 0.0f;
         }
     }
     *nll = (float)-ll_sum;
@@ -106,8 +110,8 @@ static inline __attribute__((always_inline)) void protein_row(
 
 /* Forward.
  *   y, log_back, back_scale, back_mean, fore_scale, mix_logits, prior_mean, prior_log_scale: [B, T] (row-major);
- *   mask: [B, T] 1.0 where measured, 0.0 where not (those entries contribute nothing; y must hold a finite count
- *   there, e.g. 0: the caller replaces whatever the data held);
+ *   mask: [B, T] 1.0 where measured, 0.0 where not (those entries contribute nothing and get zero derivatives,
+ *   whatever any input holds there, NaN and inf included);
  *   theta: row b starts at theta + b * theta_stride (stride 0: one theta per protein).
  *   Writes nll, kl: [B]. When local is not NULL, also local: [N_LOCAL, B, T], zero where unmeasured:
  *     0: d ll / d lb   1: d ll / d a   2: d ll / d pi   3: d ll / d theta
