@@ -60,7 +60,7 @@ class H5adSource(PicklesByInitArgs):
 
         Raises:
             StoreFormatError: the file is missing or not HDF5, or lacks a protein matrix (the message
-                lists what exists).
+                lists what exists); its RNA CSR indptr is corrupt.
         """
         self._init_args = dict(
             path=os.fspath(path), name=name, protein_key=protein_key, rna_layer=rna_layer,
@@ -96,8 +96,8 @@ class H5adSource(PicklesByInitArgs):
                 rna_modality=a["rna_modality"], protein_modality=a["protein_modality"],
                 protein_names=a["protein_names"],
             )
-            self._rna = H5MatrixReader(self._layout.rna)
-            self._protein = H5MatrixReader(self._layout.protein)
+            self._rna = H5MatrixReader(self._layout.rna, where=self._where)
+            self._protein = H5MatrixReader(self._layout.protein, where=self._where)
         except BaseException:
             self._file.close()
             raise
@@ -110,6 +110,11 @@ class H5adSource(PicklesByInitArgs):
         with reopen_lock():  # reader threads of a worker may all find the handle stale at once
             if self._pid != os.getpid():
                 self._open()
+
+    @property
+    def location(self) -> str:
+        """The path (or URL) the study was opened from (``Source.location``)."""
+        return self.path
 
     def __repr__(self) -> str:
         return (
@@ -161,6 +166,7 @@ class H5adSource(PicklesByInitArgs):
         Raises:
             InvalidIdsError: ids not sorted, unique and in range.
             InvalidCountsError: NaN, infinite or negative counts (names study, cell, column).
+            StoreFormatError: a corrupt chunk, or a column index read outside the genes (naming file, dataset, row).
         """
         ids = check_ids(ids, self.n_obs, f"study {self.name!r}")
         if ids.size == 0:

@@ -39,7 +39,8 @@ class H5adReader:
             rna_modality, protein_modality: used by the h5mu subclass.
 
         Raises:
-            StoreFormatError: not HDF5, CSC X, missing protein matrix (naming the keys that exist).
+            StoreFormatError: not HDF5, CSC X, missing protein matrix (naming the keys that exist), a corrupt CSR
+                indptr (blocks refuse column indices out of range, naming file, dataset and row).
         """
         self.path = os.fspath(path)
         self.notes: list[str] = []
@@ -52,14 +53,14 @@ class H5adReader:
                 self._file, where=self.path, protein_key=protein_key, rna_layer=rna_layer,
                 rna_modality=rna_modality, protein_modality=protein_modality, protein_names=protein_names,
             )
+            self._rna = H5MatrixReader(self._layout.rna, where=self.path)
+            self._protein = H5MatrixReader(self._layout.protein, where=self.path)
         except BaseException:
             self._file.close()
             raise
         self.n_obs = self._layout.n_obs
         self.gene_names = self._layout.gene_names
         self.protein_names = self._layout.protein_names
-        self._rna = H5MatrixReader(self._layout.rna)
-        self._protein = H5MatrixReader(self._layout.protein)
 
     def obs(self) -> pd.DataFrame:
         """Returns obs (index = cell names)."""

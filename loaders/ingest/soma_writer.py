@@ -48,6 +48,7 @@ from loaders.soma_layout import (
 )
 from loaders.soma_obs import obs_to_arrow
 from loaders.soma_source import JOINID, soma_context
+from loaders.stale_temporaries import hold_writer_lock, release_writer_lock, remove_stale_temporaries
 from loaders.store_layout import PANEL_OBS_COLUMN
 from loaders.store_writer import check_unique_names
 
@@ -122,6 +123,7 @@ class SomaExperimentWriter:
         self.panels: PanelAssignment | None = None
         self._append = append
         self._written = 0
+        self._lock = None
         self._state = "open"
         if append:
             self._tmp = None
@@ -172,6 +174,16 @@ class SomaExperimentWriter:
         self._obs_arrow = obs_to_arrow(self._obs, self._where)
         self._obs_schema = None
         self._x: dict[str, tiledbsoma.SparseNDArray] = {}
+        # Created and locked before TileDB writes into it: a live writer's temporary is never taken for stale.
+        self._tmp.mkdir()
+        self._lock = hold_writer_lock(self._tmp)
+        try:
+            self._create_experiment()
+        except BaseException:
+            self.abort()  # no writer reaches the caller to abort
+            raise
+
+    def _create_experiment(self) -> None:
         with tiledbsoma.Experiment.create(self._target, context=self._context) as exp:
             ms = exp.add_new_collection("ms")
             rna_name, prot_name, _ = self._names
@@ -280,6 +292,10 @@ class SomaExperimentWriter:
             self.abort()
             raise
         self._state = "closed"
+        release_writer_lock(self._lock)
+        self._lock = None
+        if self._tmp is not None:
+            remove_stale_temporaries(self._path)  # of killed earlier writes of this target
         return self.uri
 
     def _panels_and_metadata(self) -> tuple[np.ndarray, SomaMetadata]:
@@ -353,6 +369,8 @@ class SomaExperimentWriter:
                 pass
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+        release_writer_lock(self._lock)
+        self._lock = None
         self._state = "aborted"
 
     def __enter__(self) -> SomaExperimentWriter:

@@ -17,6 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from loaders.anndata_layout import as_str_array
+from loaders.csr_checks import check_index_parts, check_indptr
 from loaders.errors import StoreFormatError
 
 GENE_TYPE = "Gene Expression"
@@ -85,6 +86,14 @@ class TenxH5Reader:
         self.n_obs = n_barcodes
         self._n_features = n_features
         self._indptr = np.asarray(m["indptr"][...], dtype=np.int64)
+        # The feature indices pick columns by fancy indexing below, where a corrupt -1 would silently pick the last
+        # feature: the structure is checked before any block is read.
+        check_indptr(self._indptr, n_rows=n_barcodes, nnz=int(m["data"].shape[0]), where=f"{self.path}: matrix/indptr")
+        if m["indices"].shape != m["data"].shape:
+            raise StoreFormatError(
+                f"{self.path}: matrix/indices has shape {m['indices'].shape} but matrix/data {m['data'].shape}; they "
+                "must be equal (the file is corrupt)."
+            )
         # Map every feature to its position among genes or proteins; -1 marks the other kind.
         self._gene_pos = np.full(n_features, -1, np.int64)
         self._gene_pos[self._gene_cols] = np.arange(self._gene_cols.size)
@@ -101,8 +110,16 @@ class TenxH5Reader:
         for start in range(0, self.n_obs, block_cells):
             stop = min(start + block_cells, self.n_obs)
             a, b = int(self._indptr[start]), int(self._indptr[stop])
-            data = np.asarray(m["data"][a:b], dtype=np.float32)
-            features = np.asarray(m["indices"][a:b], dtype=np.int64)
+            try:
+                data = np.asarray(m["data"][a:b], dtype=np.float32)
+                features = np.asarray(m["indices"][a:b], dtype=np.int64)
+            except OSError as err:
+                raise StoreFormatError(
+                    f"{self.path}: matrix/data or matrix/indices cannot be read at entries {a}..{b - 1} ({err}); the "
+                    "file is truncated or corrupt."
+                ) from err
+            check_index_parts([features], np.array([a]), self._indptr, n_cols=self._n_features,
+                              where=f"{self.path}: matrix/indices")
             rows = np.repeat(np.arange(stop - start), np.diff(self._indptr[start : stop + 1]))
             yield start, self._rna_block(data, features, rows, stop - start), self._protein_block(
                 data, features, rows, stop - start
