@@ -51,3 +51,9 @@ class StoreExistsError(LoaderError, FileExistsError):
 
 class LaminError(LoaderError):
     """A LaminDB target cannot be resolved: lamindb missing, unknown instance, collection, artifact or suffix."""
+
+
+class ObjectStoreError(LoaderError):
+    """Object storage (``s3://``) cannot be used: its fsspec backend is not installed, the endpoint cannot be
+    reached, credentials are missing or refused, the bucket does not exist, or the operation (a write-back, a
+    report folder) is not supported there."""

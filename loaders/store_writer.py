@@ -3,6 +3,10 @@
 Only obs (small) and X's indptr (8 bytes a cell) are kept until ``close``. Everything is written to a
 hidden temporary directory next to the target and renamed into place at ``close``, so an interrupted or
 failed ingest never leaves a half-written store where a training job would find it.
+On object storage (``s3://``), which cannot rename, the temporary prefix is published by copying, root metadata
+last (``prefix_publish``): an incomplete store there has no root group and is not opened.
+A killed writer's temporary directory is removed by the next successful write of the same target
+(``stale_temporaries``: a writer holds a lock on its temporary while it writes).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import zarr
 from anndata.io import write_elem
 
 from loaders.errors import StoreExistsError, StoreFormatError
+from loaders.object_store import ObjectPath, as_path, remove_tree, zarr_store
+from loaders.prefix_publish import publish_prefix
+from loaders.stale_temporaries import hold_writer_lock, release_writer_lock, remove_stale_temporaries
 from loaders.protein_panels import PanelAssignment, ProteinPanelDetector
 from loaders.store_layout import (
     ANNDATA_ENCODING,
@@ -56,6 +63,11 @@ def check_unique_names(names, *, what: str, where: str) -> np.ndarray:
             "gene_name_field='id' uses the unique Ensembl ids)."
         )
     return arr
+
+
+_EVERY_CHUNK_WRITTEN = {"write_empty_chunks": True}
+"""zarr config of X's data, indices and indptr: every chunk is written, even one that holds only the fill value, so
+readers can refuse an absent chunk as a lost file instead of reading it as zeros (``zarr_matrix_reader``)."""
 
 
 class _ChunkAppender:
@@ -110,7 +122,8 @@ class ZarrStoreWriter:
         integer_counts: bool = False,
     ) -> None:
         """Args:
-            path: target directory of the store (conventionally ``*.zarr``); its parent is created.
+            path: target directory of the store (conventionally ``*.zarr``); its parent is created. Or an
+                ``s3://`` URL (credentials and endpoint from the usual ``AWS_*`` environment; the bucket must exist).
             gene_names: ``[G]`` unique gene names, the column order of every RNA block.
             protein_names: ``[T]`` unique protein names, the column order of every protein block.
             layout: chunking and codec.
@@ -125,8 +138,9 @@ class ZarrStoreWriter:
         Raises:
             StoreExistsError: ``path`` exists and ``overwrite`` is False.
             StoreFormatError: duplicate or missing gene/protein names.
+            ObjectStoreError: ``s3://`` without s3fs, an unreachable endpoint, missing credentials or bucket.
         """
-        self.path = Path(path)
+        self.path = as_path(path)  # an ObjectPath for s3://: written under a temp prefix, see prefix_publish
         where = source_file or str(self.path)
         self.gene_names = check_unique_names(gene_names, what="gene", where=where)
         self.protein_names = check_unique_names(protein_names, what="protein", where=where)
@@ -142,7 +156,14 @@ class ZarrStoreWriter:
         self._overwrite = overwrite
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
-        self._root = zarr.open_group(str(self._tmp), mode="w", zarr_format=ZARR_FORMAT)
+        self._lock = None
+        if not isinstance(self._tmp, ObjectPath):
+            # Created and locked before anything is written into it: a live writer's temporary is never stale.
+            self._tmp.mkdir()
+            self._lock = hold_writer_lock(self._tmp)
+        self._store = zarr_store(self._tmp)
+        # "w-", not "w": "w" recreates the directory, and the writer's lock would be left on the deleted one.
+        self._root = zarr.open_group(self._store, mode="w-", zarr_format=ZARR_FORMAT)
         self._compressor = layout.compressor()
         n_prot = len(self.protein_names)
         obsm = self._root.create_group("obsm")
@@ -256,12 +277,18 @@ class ZarrStoreWriter:
             self.abort()
             raise
         self._state = "closed"
+        release_writer_lock(self._lock)
+        self._lock = None
+        if not isinstance(self.path, ObjectPath):
+            remove_stale_temporaries(self.path)  # of killed earlier writes of this target
         return self.path
 
     def abort(self) -> None:
         """Deletes the temporary store; the target is left as it was."""
         if self._state != "closed":
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            remove_tree(self._tmp)
+            release_writer_lock(self._lock)
+            self._lock = None
             self._state = "aborted"
 
     def __enter__(self) -> ZarrStoreWriter:
@@ -281,7 +308,8 @@ class ZarrStoreWriter:
         x = self._root.create_group(RNA_KEY)
         chunk = self._layout.nnz_chunk(mean_nnz)
         arrays = {
-            name: x.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk,), compressors=self._compressor)
+            name: x.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk,), compressors=self._compressor,
+                                 config=_EVERY_CHUNK_WRITTEN)
             for name, dtype in (("data", np.dtype(self._rna_dtype).name), ("indices", "int32"))
         }
         self._data, self._indices = _ChunkAppender(arrays["data"]), _ChunkAppender(arrays["indices"])
@@ -296,7 +324,7 @@ class ZarrStoreWriter:
         indptr = np.concatenate([[0], np.cumsum(np.concatenate(self._row_nnz))]).astype(np.int64)
         x.create_array(
             "indptr", shape=indptr.shape, dtype="int64", chunks=(self._layout.indptr_chunk,),
-            compressors=self._compressor,
+            compressors=self._compressor, config=_EVERY_CHUNK_WRITTEN,
         )[:] = indptr
         obs = pd.concat(self._obs) if len(self._obs) > 1 else self._obs[0]
         panels, codes = self._panels(obs, protein_panels, panel_codes)
@@ -317,7 +345,7 @@ class ZarrStoreWriter:
         write_elem(self._root, "uns", {PROTEIN_NAMES_UNS_KEY: self.protein_names, META_UNS_KEY: meta})
         for key in ("layers", "obsp", "varm", "varp"):
             write_elem(self._root, key, {})
-        zarr.consolidate_metadata(str(self._tmp), zarr_format=ZARR_FORMAT)
+        zarr.consolidate_metadata(self._store, zarr_format=ZARR_FORMAT)
 
     def _panels(self, obs, protein_panels, panel_codes) -> tuple[np.ndarray, np.ndarray]:
         n_prot = len(self.protein_names)
@@ -338,6 +366,9 @@ class ZarrStoreWriter:
         return np.ones((1, n_prot), dtype=bool), np.zeros(self._n_cells, dtype=np.int16)
 
     def _move_into_place(self) -> None:
+        if isinstance(self.path, ObjectPath):  # no rename on object storage: copied, root metadata last
+            publish_prefix(self._tmp, self.path, overwrite=self._overwrite)
+            return
         old = None
         if self.path.exists() or self.path.is_symlink():
             if not self._overwrite:

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from loaders.object_store import as_path
 from streamtotal.errors import ConfigError
 
 
@@ -99,10 +100,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     Raises:
         ConfigError: the file is missing or not valid TOML (with the parser's line and column).
     """
-    path = Path(path)
+    path = as_path(path)  # a local file, or an s3:// object (the config.toml of a run there)
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(path.read_bytes().decode())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loaders.object_store import refuse_url
 from loaders.registry import Registry
 from streamtotal.config import DataConfig, RunConfig, TrainConfig
 from streamtotal.errors import InteropError, RunDirError
@@ -77,6 +78,7 @@ def import_scvi_model(model_dir: str | Path, out_run_dir: str | Path, *, overwri
             scvi-tools model.
         RunDirError: ``out_run_dir`` exists and ``overwrite`` is off.
     """
+    refuse_url(out_run_dir, "an imported run directory", "import into a local directory, then upload it")
     out = Path(out_run_dir)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise RunDirError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it, or choose another")

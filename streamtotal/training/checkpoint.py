@@ -3,10 +3,13 @@
 A checkpoint is written to a temporary file in the same directory, flushed to disk and renamed over its final
 name, so a job killed mid-write leaves the previous checkpoint intact and never a half-written one. The newest
 checkpoint is found by name (``ckpt-<step>.pt``, step zero-padded), not by a pointer file that could go stale.
+In a run directory on object storage (``s3://``), which cannot rename, a checkpoint is serialised in memory and
+written in one PUT: the object appears only complete (see ``loaders.object_store``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -16,19 +19,23 @@ from typing import Any
 
 import torch
 
+from loaders.object_store import ObjectPath, as_path, readable, write_object_atomically
 from streamtotal.errors import CheckpointError
+from streamtotal.safe_load import UnreadableFileError, UnsafeFileError, load_weights_only
+
+logger = logging.getLogger("streamtotal.checkpoint")
 
 _NAME = re.compile(r"^ckpt-(\d{10})\.pt$")
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
     """The path of the checkpoint of optimiser step ``step`` in ``run_dir``."""
-    return Path(run_dir) / f"ckpt-{step:010d}.pt"
+    return as_path(run_dir) / f"ckpt-{step:010d}.pt"
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints in ``run_dir``, oldest first."""
-    run_dir = Path(run_dir)
+    """Checkpoints in ``run_dir`` (a local directory or an ``s3://`` prefix), oldest first."""
+    run_dir = as_path(run_dir)
     if not run_dir.is_dir():
         return []
     return sorted(p for p in run_dir.iterdir() if _NAME.match(p.name))
@@ -47,7 +54,10 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
         path: the final path.
         write: a function taking a binary file object.
     """
-    path = Path(path)
+    path = as_path(path)
+    if isinstance(path, ObjectPath):  # no rename there: one PUT of the finished bytes is the atomic step
+        write_object_atomically(path, write)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -145,19 +155,66 @@ class CheckpointWriter:
                 raise error
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint file is truncated, garbage, or not a streamtotal checkpoint: an older one may stand in for it.
+    (A file holding objects that would run code is a plain CheckpointError: it is refused, never skipped.)"""
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Loads a checkpoint onto the CPU.
+    """Loads a checkpoint onto the CPU, running no code it may hold (``weights_only=True``, see safe_load).
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        The checkpoint's state dict.
 
     Raises:
-        CheckpointError: the file is missing or is not a streamtotal checkpoint.
+        DamagedCheckpointError: the file is missing, truncated, garbage or not a streamtotal checkpoint.
+        CheckpointError: the file holds objects whose loading would run code (nothing was loaded).
     """
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise DamagedCheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises several types for corrupt files
-        raise CheckpointError(f"checkpoint {path} cannot be read ({e}); delete it to resume from the one before") from e
+        state = load_weights_only(readable(path))
+    except UnsafeFileError as e:
+        raise CheckpointError(
+            f"checkpoint {path} holds objects that would run code when loaded ({', '.join(e.names)}); it is not "
+            "loaded. streamtotal writes only tensors, numbers and strings: this file was replaced or tampered with"
+        ) from e
+    except UnreadableFileError as e:
+        raise DamagedCheckpointError(f"checkpoint {path} cannot be read, it is truncated or damaged ({e.reason})") from e
     if not isinstance(state, dict) or state.get("format") != "streamtotal-checkpoint":
-        raise CheckpointError(f"{path} is not a streamtotal checkpoint")
+        raise DamagedCheckpointError(f"{path} is not a streamtotal checkpoint")
     return state
+
+
+def load_latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """Loads the newest checkpoint of ``run_dir`` that can be read, falling back past damaged ones (a job killed
+    while the file system lost data, a disk filling up): that is what keeping two checkpoints is for.
+
+    Args:
+        run_dir: the run directory.
+
+    Returns:
+        ``(path, state)`` of the checkpoint loaded, or None when the directory holds none.
+
+    Raises:
+        CheckpointError: no checkpoint can be read (the message lists each with its fault), or one holds objects
+            that would run code (never skipped: that file was not written by streamtotal).
+    """
+    faults = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            state = load_checkpoint(path)
+        except DamagedCheckpointError as e:
+            faults.append(str(e))
+            logger.warning("skipping a damaged checkpoint: %s; trying the one before", e)
+            continue
+        if faults:
+            logger.warning("resuming from %s, older than the damaged checkpoint(s) after it", path)
+        return path, state
+    if faults:
+        raise CheckpointError(f"no checkpoint in {run_dir} can be read:\n  " + "\n  ".join(faults))
+    return None

@@ -6,6 +6,7 @@ its own share of the global order with the same number of steps, and only rank 0
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -23,11 +24,12 @@ from loaders.stream import StreamConfig
 from loaders.stream_loader import StreamLoader
 from streamtotal.config import RunConfig
 from streamtotal.data import open_collection
+from streamtotal.device import resolve_device
 from streamtotal.errors import CheckpointError, RunDirError
-from streamtotal.model.cpu_allocator import retain_freed_memory
 from streamtotal.model.kl_schedule import kl_weight
 from streamtotal.model.totalvi import TotalVAE
-from streamtotal.training.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint
+from streamtotal.training.checkpoint import CheckpointWriter, load_latest_checkpoint
+from streamtotal.training.config_diff import config_differences
 from streamtotal.training.gc_control import ManualGC
 from streamtotal.training.distributed import DistContext
 from streamtotal.training.init_from import initialise_from
@@ -37,6 +39,8 @@ from streamtotal.training.preemption import Preempted, PreemptionFlag, injected_
 from streamtotal.training.priors import estimate_priors
 from streamtotal.training.run_dir import RunDir
 from streamtotal.training.validation import ValidationBatches, evaluate_elbo
+
+logger = logging.getLogger(__name__)
 
 # Train-config fields that may differ between a run and its resumption: they change neither the data order
 # nor the optimisation.
@@ -65,13 +69,6 @@ class TrainSummary:
 
 _WINDOW_TERMS = ("loss", "rna_nll", "protein_nll", "kl_z", "kl_background")
 """Per-cell means the train log lines report (``loss`` is the batch mean, weighted by the batch's cells)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """Maps "auto" / "cpu" / "cuda[:N]" to a torch device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def resolve_prefetch_batches(prefetch_batches: int | None, device: torch.device) -> int:
@@ -108,6 +105,22 @@ def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
                 state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
+def _numpy_rng_state() -> dict:
+    """numpy's global RNG state as a tensor and plain numbers: ``np.random.get_state()`` holds an ndarray, which a
+    ``weights_only`` load would have to allow-list."""
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {"bit_generator": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
+def _set_numpy_rng_state(state: dict | tuple) -> None:
+    """Restores numpy's global RNG from ``_numpy_rng_state`` (or from the tuple a version-1 checkpoint holds)."""
+    if isinstance(state, dict):
+        state = (state["bit_generator"], state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                 state["cached_gaussian"])
+    np.random.set_state(state)
+
+
 def _resolve_train_defaults(config: RunConfig, saved: RunConfig | None) -> RunConfig:
     """``config`` with an unset batch size and learning rate filled in: from the checkpoint's config ``saved`` when
     resuming (a run started before a change of those defaults resumes as it was trained), else from the model's
@@ -142,10 +155,10 @@ class Trainer:
         self.dist = DistContext.from_environment(self.device)
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
-        if tc.threads:
+        if tc.threads:  # process-wide, so only on request (0 = leave torch's setting alone)
             torch.set_num_threads(tc.threads)
-        if self.device.type == "cpu":
-            retain_freed_memory()  # 15-30% faster CPU steps: freed step buffers stay in the heap (see module)
+        # The glibc allocator tuning (cpu_allocator.py) is process-wide too: the CLI makes it
+        # (cli/process_settings.py), a library caller calls retain_freed_memory() if it wants it.
         self.run_dir = RunDir(run_dir)
         self.collection = collection if collection is not None else open_collection(config.data)
         self.registry: Registry = self.collection.registry
@@ -157,7 +170,7 @@ class Trainer:
                     f"{self.run_dir.path} already holds checkpoints; pass --resume to continue that run, "
                     "or choose another --out"
                 )
-            checkpoint = load_checkpoint(latest_checkpoint(self.run_dir.path))
+            checkpoint = load_latest_checkpoint(self.run_dir.path)[1]  # past a damaged newest one, warning
         saved = RunConfig.from_dict(checkpoint["config"], where="checkpoint config") if checkpoint is not None else None
         self.config = config = _resolve_train_defaults(config, saved)
         tc = config.train
@@ -241,17 +254,14 @@ class Trainer:
                 f"process(es) and this job has {self.dist.world_size}: each rank's share of the data order depends "
                 "on the world size, so resume with the same number of processes (nodes x processes per node)"
             )
-        if saved.model != self.config.model or saved.data != self.config.data:
-            raise CheckpointError(
-                f"the checkpoint in {self.run_dir.path} was trained with another [model] or [data] config; "
-                "resume with the run's own config.toml, or start a new run directory"
-            )
-        a, b = saved.to_dict()["train"], self.config.to_dict()["train"]
-        changed = sorted(k for k in a if a[k] != b[k] and k not in _RESUMABLE_CHANGES)
+        changed = config_differences(saved.to_dict(), self.config.to_dict(), ignore={"train": _RESUMABLE_CHANGES})
         if changed:
             raise CheckpointError(
-                f"cannot resume {self.run_dir.path}: train settings {changed} differ from the checkpoint's "
-                f"({ {k: a[k] for k in changed} }); they change the data order or the optimisation"
+                f"cannot resume {self.run_dir.path}: its checkpoint was trained with other settings:\n  "
+                + "\n  ".join(changed)
+                + f"\n[data] and [model] must match, and so must the [train] settings that change the data order or "
+                f"the optimisation; resume with the run's own {self.run_dir.path / 'config.toml'}, or start a new run "
+                "directory"
             )
         if Registry.from_dict(ckpt["registry"]) != self.registry:
             raise CheckpointError(
@@ -262,7 +272,7 @@ class Trainer:
     def _state(self) -> dict:
         return {
             "format": "streamtotal-checkpoint",
-            "version": 1,
+            "version": 2,  # 2: numpy's RNG state as tensors and numbers (loadable with weights_only=True)
             "step": self.step,
             "epoch": self.epoch,
             "model": self.model.state_dict(),
@@ -273,7 +283,7 @@ class Trainer:
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_rng_state(),
                 "python": random.getstate(),
             },
             "train_state": {
@@ -306,7 +316,7 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
+        _set_numpy_rng_state(rng["numpy"])
         random.setstate(rng["python"])
         self._resume_mid_epoch = ckpt["loader"]["epoch"] == self.epoch
         self.metrics.truncate_after(self.step)
@@ -314,6 +324,7 @@ class Trainer:
     def _checkpoint(self, wait: bool = False) -> None:
         """Checkpoints the current step, written in the background (``wait``: on disk before returning)."""
         if self.dist.is_main:
+            self.metrics.flush()  # object storage keeps records in memory: persist those up to this checkpoint
             self.checkpoints.submit(self.run_dir.path, self.step, self._state(),
                                     keep=self.config.train.keep_checkpoints)
             if wait:
@@ -382,9 +393,9 @@ class Trainer:
                     if self._stop_requested(preemption):
                         self._checkpoint(wait=True)
                         if self.dist.is_main:
-                            print(f"streamtotal: signal {preemption.signum or 'on another rank'} received; "
-                                  f"checkpointed step {self.step} in {self.run_dir.path}; rerun with --resume to "
-                                  "continue", flush=True)
+                            logger.info("streamtotal: signal %s received; checkpointed step %d in %s; rerun with "
+                                        "--resume to continue", preemption.signum or "on another rank", self.step,
+                                        self.run_dir.path)
                         raise Preempted(preemption.signum or 15, self.step)
                     # The end-of-epoch checkpoint follows validation; one just before it would be redundant.
                     if self.step % tc.checkpoint_every_steps == 0 and self.loader.batches_remaining > 0:
@@ -400,6 +411,7 @@ class Trainer:
             preemption.uninstall()
         if self.dist.is_main:
             self.run_dir.write_final_model(self.model, self.config, self.registry)
+            self.metrics.flush()
         self.checkpoints.wait()
         return self._summary(start_step, start_time, cells)
 
