@@ -20,11 +20,12 @@ import numpy as np
 import zarr
 
 from loaders.errors import StoreFormatError
-from loaders.publish_journal import Rename, publish_group, recover
+from loaders.publish_journal import Rename, recover
+from loaders.result_writer import ResultWriter
 from loaders.store_layout import DENSE_ENCODING, ZARR_FORMAT, StoreLayoutConfig
 
 
-class ObsmWriter:
+class ObsmWriter(ResultWriter):
     """Writes an ``[n_obs, n_columns]`` float32 matrix into ``<store>/obsm/<key>``.
 
     Args:
@@ -35,7 +36,8 @@ class ObsmWriter:
         dtype: stored dtype.
         chunk_rows: rows per chunk (default: the store layout's choice for ``n_columns``). Resumable writers
             pass a divisor of their write unit so every chunk is written by exactly one unit.
-        resume: reopen an existing temporary array of the same shape, dtype and chunks instead of replacing it.
+        resume: reopen an existing temporary array of the same shape, dtype and chunks instead of replacing it
+            (and keep it when a ``with`` block raises, for the next run to resume).
 
     Raises:
         StoreFormatError: the store is not a local AnnData Zarr store, or ``n_obs`` does not match it.
@@ -43,15 +45,15 @@ class ObsmWriter:
 
     def __init__(self, store_path: str | Path, key: str, n_obs: int, n_columns: int, dtype: str = "float32",
                  *, chunk_rows: int | None = None, resume: bool = False) -> None:
-        self.store_path = Path(store_path)
-        if not (self.store_path / "obsm").is_dir():
+        if not (Path(store_path) / "obsm").is_dir():
             raise StoreFormatError(
                 f"{store_path} is not a local AnnData Zarr store with an obsm group; results can be written back "
                 "only into stores made by `streamtotal ingest` (or anndata.write_zarr) on a local disk"
             )
         if "/" in key or key.startswith("."):
             raise StoreFormatError(f"obsm key {key!r} must be a plain name (no '/', not starting with '.')")
-        self.key, self.n_obs = key, n_obs
+        super().__init__(store_path, n_obs, resumable=resume)
+        self.key = key
         recover(self.store_path)  # a half-done earlier publication is completed before anything is staged
         root = zarr.open_group(str(self.store_path), mode="r", zarr_format=ZARR_FORMAT, use_consolidated=False)
         x_shape = root["X"].attrs.get("shape") if "X" in root else None
@@ -73,52 +75,34 @@ class ObsmWriter:
                 compressors=layout.compressor(), overwrite=True, attributes=dict(DENSE_ENCODING),
             )
             self.resumed = False
-        self._written = np.zeros(n_obs, dtype=bool)
+
+    @property
+    def description(self) -> str:
+        """``obsm/<key>``."""
+        return f"obsm/{self.key}"
 
     @property
     def tmp_path(self) -> Path:
         """Directory of the temporary array (``obsm/.tmp-<key>``)."""
         return self.store_path / "obsm" / self._tmp_name
 
+    def tmp_paths(self) -> list[Path]:
+        """The temporary array's directory, as a list (``ResultWriter``)."""
+        return [self.tmp_path]
+
     def write_rows(self, ids: np.ndarray, values: np.ndarray) -> None:
         """Writes ``values[i]`` into row ``ids[i]``; contiguous runs of ids are written as slices."""
         ids = np.asarray(ids, dtype=np.int64)
         values = np.asarray(values, dtype=self._array.dtype)
         order = np.argsort(ids, kind="stable")
-        ids, values = ids[order], values[order]
-        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-        for run_ids, run_values in zip(np.split(ids, breaks), np.split(values, breaks)):
-            if len(run_ids):
-                self._array[int(run_ids[0]) : int(run_ids[-1]) + 1] = run_values
-        self._written[ids] = True
-
-    def mark_written(self, start: int, stop: int) -> None:
-        """Records rows ``[start, stop)`` as written by an earlier (interrupted) job."""
-        self._written[start:stop] = True
+        self._write_runs(self._array, ids[order], values[order])
 
     @property
     def rename(self) -> Rename:
         """How the temporary array is published (for ``publish_journal.publish_group``)."""
         return Rename("obsm", self._tmp_name, self.key)
 
-    def check_complete(self) -> None:
-        """Raises unless every row was written (by this writer or recorded with ``mark_written``).
-
-        Raises:
-            StoreFormatError: some rows were never written.
-        """
-        missing = np.flatnonzero(~self._written)
-        if len(missing):
-            raise StoreFormatError(
-                f"refusing to publish obsm/{self.key} in {self.store_path}: {len(missing)} of {self.n_obs} rows were "
-                f"never written (first: cell {int(missing[0])})"
-            )
-
-    def commit(self) -> None:
-        """Publishes the temporary array as ``obsm/<key>`` (atomically) and reconsolidates the store's metadata.
-
-        Raises:
-            StoreFormatError: some rows were never written (the temporary array is kept for inspection).
-        """
-        self.check_complete()
-        publish_group(self.store_path, [self.rename])
+    @property
+    def renames(self) -> list[Rename]:
+        """``[rename]`` (``ResultWriter``): ``commit`` publishes the array as ``obsm/<key>`` and reconsolidates."""
+        return [self.rename]

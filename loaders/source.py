@@ -57,6 +57,8 @@ class Source(Protocol):
         obs_columns: names of the per-cell annotation columns that ``obs_column`` can return.
         protein_panels: ``[n_panels, n_proteins] bool``: which proteins each panel measured. A source
             whose cells all measured every protein has one all-True panel.
+        location: where the study is stored (the path or URI it was opened from, as given), or None for data
+            held in memory. Results written back go into this store (``loaders.store_results`` reads them).
     """
 
     name: str
@@ -65,12 +67,20 @@ class Source(Protocol):
     protein_names: np.ndarray
     obs_columns: list[str]
     protein_panels: np.ndarray
+    location: str | None
 
     def obs_column(self, key: str) -> np.ndarray:
         """Returns one obs column for every cell, as an ``[n_obs]`` array of str (or numbers).
 
         Raises:
             StoreFormatError: the column does not exist (the message lists the columns that do).
+        """
+        ...
+
+    def obs_names(self) -> np.ndarray:
+        """Returns every cell's name (the AnnData obs index, SOMA's id column), ``[n_obs]`` str, in cell order.
+
+        A source that stores no names returns the cell positions as str (``"0"``, ``"1"``, ...).
         """
         ...
 

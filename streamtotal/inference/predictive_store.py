@@ -28,12 +28,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import zarr
 
-from loaders.store_layout import ZARR_FORMAT
+from loaders.store_results import read_obs_column
 from streamtotal.errors import ConfigError
 from streamtotal.inference import predictive
-from streamtotal.inference.embed import collection_obs
 from streamtotal.inference.selection import cell_ids as check_cell_ids, feature_indices
 from streamtotal.inference.write_back import ObsmTarget, ObsTarget, WriteBack
 from streamtotal.inference.write_ledger import file_sha256
@@ -136,8 +134,7 @@ def score_cells(
         means = {name: float(values.mean()) for name, values in kept.items() if name != "neg_elbo"}
         return ScoreResult(n_cells=int(ids.size), means=means, per_cell=kept)
     writer.commit()
-    root = zarr.open_group(str(post.store), mode="r", zarr_format=ZARR_FORMAT, use_consolidated=False)
-    means = {name: float(np.mean(root[f"obs/{column}"][:])) for name, column in columns.items()}
+    means = {name: float(np.mean(read_obs_column(post.store, column))) for name, column in columns.items()}
     return ScoreResult(n_cells=post.n_obs, means=means, written={n: f"obs/{c}" for n, c in columns.items()},
                        chunks_skipped=writer.skipped, chunks_computed=writer.computed)
 
@@ -227,7 +224,7 @@ def export_predictive(
                                                           seed=seed)
     rna, protein = rna.reshape(-1, rna.shape[-1]), protein.reshape(-1, protein.shape[-1])
     reg = post.registry
-    obs = collection_obs(post.collection).iloc[ids]
+    obs = post.collection.obs_frame().iloc[ids]
     if n_samples > 1:
         names = obs.index.astype(str)
         obs = pd.concat([obs] * n_samples)

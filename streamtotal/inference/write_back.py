@@ -28,7 +28,6 @@ right after its K-th unit of this process was written and recorded, as a job kil
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -37,12 +36,12 @@ import numpy as np
 
 from loaders.errors import StoreFormatError
 from loaders.object_store import refuse_url
+from loaders.obs_writer import ObsColumnWriter
 from loaders.obsm_writer import ObsmWriter
 from loaders.publish_journal import publish_group, recover
 from loaders.store_layout import StoreLayoutConfig
 from streamtotal.errors import ConfigError
 from streamtotal.inference import write_ledger
-from streamtotal.inference.obs_writer import ObsColumnWriter
 
 FAIL_ENV = "STREAMTOTAL_FAIL_AFTER_CHUNKS"
 FAIL_RENAMES_ENV = "STREAMTOTAL_FAIL_AFTER_RENAMES"
@@ -215,8 +214,8 @@ class WriteBack:
 
     def discard(self) -> None:
         """Deletes the temporary elements and their ledgers (the store's published results are untouched)."""
-        for element in self._dirs:
-            shutil.rmtree(element, ignore_errors=True)
+        for writer in self._writers():
+            writer.abort()
 
 
 def _rename_failure_hook():

@@ -95,3 +95,16 @@ def test_from_anndata_dataframe_and_uns_names():
     assert list(ArraySource.from_anndata(adata, name="pbmc", protein_key="prot").protein_names) == prots
     with pytest.raises(StoreFormatError, match="obsm keys are"):
         ArraySource.from_anndata(adata, name="pbmc", protein_key="adt")
+
+
+def test_cell_names_and_location_of_the_source_protocol():
+    rna, protein, genes, prots = _data()
+    plain = ArraySource("s1", rna, protein, genes, prots)
+    assert plain.location is None and list(plain.obs_names()[:3]) == ["0", "1", "2"]
+    named = ArraySource("s1", rna, protein, genes, prots, obs_names=[f"c{i}" for i in range(20)])
+    assert list(named.obs_names()[-2:]) == ["c18", "c19"]
+    with pytest.raises(StoreFormatError, match=r"study 's1': obs_names has shape \(3,\); expected \(20,\)"):
+        ArraySource("s1", rna, protein, genes, prots, obs_names=["a", "b", "c"])
+    adata = ad.AnnData(X=rna, obs=pd.DataFrame(index=[f"bc{i}" for i in range(20)]), var=pd.DataFrame(index=genes))
+    adata.obsm["protein_expression"] = pd.DataFrame(protein, index=adata.obs_names, columns=prots)
+    assert list(ArraySource.from_anndata(adata, name="pbmc").obs_names()[:2]) == ["bc0", "bc1"]

@@ -29,7 +29,7 @@ def test_h5ad_source_equals_zarr_source_on_the_same_data(tmp_path, cite):
     cite.write_h5ad(tmp_path / "pbmc.h5ad", d)
     ingest(tmp_path / "pbmc.h5ad", tmp_path / "pbmc.zarr", progress=False)
     h5, zs = H5adSource(tmp_path / "pbmc.h5ad"), ZarrSource(tmp_path / "pbmc.zarr")
-    assert isinstance(h5, Source)
+    assert isinstance(h5, Source) and h5.location == str(tmp_path / "pbmc.h5ad")
     assert (h5.name, h5.n_obs) == (zs.name, zs.n_obs) == ("pbmc", 90)
     assert list(h5.gene_names) == list(zs.gene_names) and list(h5.protein_names) == list(zs.protein_names)
     assert h5.obs_columns == zs.obs_columns

@@ -60,7 +60,7 @@ def _assert_reads(src, rna, protein, cite, seed=0, n_reads=6):
 def test_ingested_experiment_round_trips(study, cite):
     d, tmp = study
     src = SomaSource(tmp / "pbmc.soma")
-    assert isinstance(src, Source)
+    assert isinstance(src, Source) and src.location == str(tmp / "pbmc.soma")
     assert (src.name, src.n_obs, list(src.gene_names), list(src.protein_names)) == ("pbmc", 97, d.genes, d.proteins)
     _assert_reads(src, d.rna, d.protein, cite)
     for ids in (np.arange(97), np.array([0]), np.array([96]), np.array([3]), np.array([0, 96]), np.arange(40, 60)):

@@ -44,7 +44,7 @@ def _assert_reads(src, d, cite, seed=0, n_reads=8):
 def test_reads_equal_input_rows_for_runs_gaps_and_edges(tmp_path, cite):
     d = cite.make_cite(n=97)
     src = ZarrSource(_store(tmp_path / "pbmc.zarr", d))
-    assert isinstance(src, Source)
+    assert isinstance(src, Source) and src.location == str(tmp_path / "pbmc.zarr")
     assert (src.name, src.n_obs, list(src.gene_names), list(src.protein_names)) == ("pbmc", 97, d.genes, d.proteins)
     _assert_reads(src, d, cite)
     for ids in (np.arange(97), np.array([0]), np.array([96]), np.array([3]), np.array([0, 96]), np.arange(40, 60)):

@@ -1,4 +1,4 @@
-"""Adding obs columns to a Zarr store, chunk by chunk, published atomically (as ``loaders.obsm_writer`` for obsm).
+"""Adding obs columns to a Zarr store, chunk by chunk, published atomically (``loaders.obsm_writer``'s sibling).
 
 Predicted labels belong in ``obs`` (``adata.obs["streamtotal_label"]``), where scanpy looks for them, not in an
 obsm matrix. Each new column is written as it is computed into a hidden element ``obs/.tmp-<name>`` in
@@ -15,7 +15,8 @@ written leaves the store's previous obs (and the columns it listed) untouched; o
 by the next open. ``write_back.WriteBack`` publishes the columns together with its obsm results instead.
 
 ``resume=True`` reopens temporary columns left by an interrupted job (same dtype or categories, same chunks)
-instead of recreating them; ``streamtotal.inference.write_back`` keeps the ledger of which rows they hold.
+instead of recreating them; ``streamtotal.inference.write_back`` keeps the ledger of which rows they hold. The
+staging, ``commit`` / ``abort`` and ``with`` lifecycle is ``loaders.result_writer.ResultWriter``'s.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import numpy as np
 import zarr
 
 from loaders.errors import StoreFormatError
-from loaders.publish_journal import Rename, publish_group, recover
+from loaders.publish_journal import Rename, recover
+from loaders.result_writer import ResultWriter
 from loaders.store_layout import DENSE_ENCODING, ZARR_FORMAT, StoreLayoutConfig
 
 CATEGORICAL_ENCODING = {"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False}
 
 
-class ObsColumnWriter:
+class ObsColumnWriter(ResultWriter):
     """Writes new ``[n_obs]`` columns into ``<store>/obs``.
 
     Args:
@@ -43,7 +45,8 @@ class ObsColumnWriter:
             (e.g. ``"float32"``) for a numeric one.
         protected: names that must not be overwritten (e.g. the label column used for training).
         chunk_rows: rows per chunk (default: the store layout's choice for one column).
-        resume: reopen matching temporary columns of an interrupted job instead of replacing them.
+        resume: reopen matching temporary columns of an interrupted job instead of replacing them (and keep them
+            when a ``with`` block raises, for the next run to resume).
 
     Raises:
         StoreFormatError: not a local AnnData Zarr store, a bad or protected column name.
@@ -53,21 +56,21 @@ class ObsColumnWriter:
                  protected: Sequence[str] = (), *, chunk_rows: int | None = None, resume: bool = False) -> None:
         from anndata.io import write_elem
 
-        self.store_path = Path(store_path)
-        self.obs_dir = self.store_path / "obs"
-        if not (self.obs_dir / ".zattrs").is_file():
+        if not (Path(store_path) / "obs" / ".zattrs").is_file():
             raise StoreFormatError(
                 f"{store_path} is not a local AnnData Zarr store with an obs group; results can be written back "
                 "only into stores made by `streamtotal ingest` (or anndata.write_zarr) on a local disk"
             )
+        super().__init__(store_path, n_obs, resumable=resume)
+        self.obs_dir = self.store_path / "obs"
         recover(self.store_path)  # a half-done earlier publication is completed before anything is staged
         obs = zarr.open_group(str(self.obs_dir), mode="r+", zarr_format=ZARR_FORMAT, use_consolidated=False)
         index_key = obs.attrs.get("_index", "_index")
         for name in columns:
             if "/" in name or name.startswith(".") or name in (index_key, *protected):
                 raise StoreFormatError(f"cannot write obs column {name!r} (a plain, unprotected name is needed)")
-        self.n_obs = n_obs
         self.names = list(columns)
+        self.obs_columns = self.names
         self._arrays: dict[str, zarr.Array] = {}
         layout = StoreLayoutConfig()
         chunk = int(chunk_rows) if chunk_rows else layout.row_chunk(1)
@@ -93,26 +96,18 @@ class ObsColumnWriter:
                 self._arrays[name] = group.create_array(
                     "codes", shape=(n_obs,), chunks=(chunk,), dtype=_code_dtype(categories),
                     compressors=layout.compressor(), attributes=dict(DENSE_ENCODING))
-        self._written = np.zeros(n_obs, dtype=bool)
+
+    @property
+    def description(self) -> str:
+        """``obs columns [...]``."""
+        return f"obs columns {self.names}"
 
     def write_rows(self, ids: np.ndarray, values: dict[str, np.ndarray]) -> None:
         """Writes ``values[name][i]`` into row ``ids[i]`` of every column (category codes for categoricals)."""
         ids = np.asarray(ids, dtype=np.int64)
         order = np.argsort(ids, kind="stable")
-        ids = ids[order]
-        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-        starts = np.concatenate([[0], breaks])
-        ends = np.concatenate([breaks, [len(ids)]])
         for name, array in self._arrays.items():
-            column = np.asarray(values[name])[order].astype(array.dtype)
-            for s, e in zip(starts, ends):
-                if e > s:
-                    array[int(ids[s]): int(ids[e - 1]) + 1] = column[s:e]
-        self._written[ids] = True
-
-    def mark_written(self, start: int, stop: int) -> None:
-        """Records rows ``[start, stop)`` as written by an earlier (interrupted) job."""
-        self._written[start:stop] = True
+            self._write_runs(array, ids[order], np.asarray(values[name])[order].astype(array.dtype))
 
     def tmp_paths(self) -> list[Path]:
         """Directories of the temporary columns (``obs/.tmp-<name>``)."""
@@ -122,28 +117,6 @@ class ObsColumnWriter:
     def renames(self) -> list[Rename]:
         """How the temporary columns are published (for ``publish_journal.publish_group``)."""
         return [Rename("obs", f".tmp-{name}", name) for name in self.names]
-
-    def check_complete(self) -> None:
-        """Raises unless every row was written (by this writer or recorded with ``mark_written``).
-
-        Raises:
-            StoreFormatError: some rows were never written.
-        """
-        missing = np.flatnonzero(~self._written)
-        if len(missing):
-            raise StoreFormatError(
-                f"refusing to publish obs columns {self.names} in {self.store_path}: {len(missing)} of {self.n_obs} "
-                f"rows were never written (first: cell {int(missing[0])})"
-            )
-
-    def commit(self) -> None:
-        """Publishes the columns together (renames, ``column-order``, consolidated metadata).
-
-        Raises:
-            StoreFormatError: some rows were never written (the temporary elements are kept).
-        """
-        self.check_complete()
-        publish_group(self.store_path, self.renames, obs_columns=self.names)
 
 
 def _code_dtype(categories: Sequence[str]) -> str:
