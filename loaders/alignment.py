@@ -13,6 +13,10 @@ import pandas as pd
 from loaders.errors import AlignmentError
 
 GENE_JOINS = ("inner", "outer")
+ABSENT_GENES = ("mask", "zero")
+"""How reference genes a study did not measure are read: ``"mask"``: zero-filled and flagged in
+``CiteBatch.rna_mask``, so models treat them as unmeasured; ``"zero"``: zero-filled as if measured zeros (the
+behaviour before masking, and scvi-tools')."""
 PREFIX_SEP = "/"
 """Separator between study name and batch value in prefixed batch categories (``"study/batch"``)."""
 
@@ -61,7 +65,9 @@ def reference_genes(studies: Sequence[tuple[str, np.ndarray]], join: str, min_ov
     ``inner``: the intersection, in the first study's order. Each further study is checked by the fraction of
     the first study's genes still in the intersection once it joins, so the study that shrinks the
     intersection below ``min_overlap`` is the one named. ``outer``: the union in order of first appearance;
-    each study is checked by the fraction of the union it measures (the rest is zero-filled for it).
+    each study is checked twice against ``min_overlap``: by the fraction of the union it measures (the rest is
+    zero-filled for it), and by how many of its genes the other studies measure too (the overlap coefficient of
+    ``_check_outer_sharing``), so a study that shares no gene is refused even when it is half of the union.
 
     Args:
         studies: ``(name, gene_names)`` per study, in collection order.
@@ -82,6 +88,7 @@ def reference_genes(studies: Sequence[tuple[str, np.ndarray]], join: str, min_ov
         ref = union_in_order(genes for _, genes in studies)
         for name, genes in studies:
             check_overlap(name, len(genes), len(ref), "the union of all studies' genes", min_overlap)
+        _check_outer_sharing(studies, min_overlap)
         return ref
     n_anchor = len(ref)
     for name, genes in studies[1:]:
@@ -91,6 +98,30 @@ def reference_genes(studies: Sequence[tuple[str, np.ndarray]], join: str, min_ov
             f"the genes of the first study {first_name!r} (kept by the studies before it)", min_overlap,
         )
     return ref
+
+
+def _check_outer_sharing(studies: Sequence[tuple[str, np.ndarray]], min_overlap: float) -> None:
+    """Refuses, in an outer join, a study that shares too few genes with the other studies.
+
+    Measuring much of the union is not enough: two studies with disjoint gene lists of equal size each measure
+    half of it, and nothing in the data links them. Each study is measured by the overlap coefficient with the
+    union of the other studies' genes: the genes in both, over the smaller of the two lists. So a targeted panel
+    inside a whole-transcriptome study counts as fully shared (how little of the union it measures is what the
+    union check is for), and a study that shares nothing is refused whatever its size.
+    """
+    if len(studies) < 2:
+        return
+    names, n_studies = np.unique(np.concatenate([np.asarray(g, dtype=str) for _, g in studies]), return_counts=True)
+    n_union = len(names)
+    # The first study last: of two studies that share nothing, the one joining the first is named (as in inner).
+    for name, genes in [*studies[1:], studies[0]]:
+        n_own = len(genes)
+        n_shared = int((n_studies[np.searchsorted(names, np.asarray(genes, dtype=str))] > 1).sum())
+        n_others = n_union - (n_own - n_shared)  # the union minus the genes only this study measures
+        check_overlap(
+            name, n_shared, min(n_own, n_others),
+            f"the other studies (basis: the smaller of its {n_own} genes and their {n_others})", min_overlap,
+        )
 
 
 def as_str(values: np.ndarray) -> np.ndarray:

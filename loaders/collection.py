@@ -7,13 +7,13 @@ a protein a study did not measure is zero-filled and masked, never passed off as
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
 from loaders.aligned_rows import AlignedRows
-from loaders.alignment import GENE_JOINS, check_overlap, index_map, reference_genes, union_in_order
+from loaders.alignment import ABSENT_GENES, GENE_JOINS, check_overlap, index_map, reference_genes, union_in_order
 from loaders.citebatch import CiteBatch
 from loaders.count_validation import all_valid_counts
 from loaders.covariates import batch_codes, label_codes
@@ -21,6 +21,9 @@ from loaders.errors import AlignmentError, AlignmentWarning, ConfigError, Invali
 from loaders.ids import check_ids
 from loaders.registry import Registry
 from loaders.source import Source
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _names(source: Source, attr: str) -> np.ndarray:
@@ -48,6 +51,8 @@ class Collection:
         provenance: where the sources came from (see ``__init__``); ``{}`` when not given.
         batch_codes: ``[n_obs] int32`` batch code per cell (read-only).
         label_codes: ``[n_obs] int32`` label code per cell, -1 = unlabeled (read-only).
+        study_gene_masks: ``[n_sources, G] bool``, which reference genes each study measured (read-only).
+        absent_genes: ``"mask"`` or ``"zero"``, how unmeasured genes are read (see ``__init__``).
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class Collection:
         registry: Registry | None = None,
         allow_new_batches: bool = False,
         provenance: dict | None = None,
+        absent_genes: str = "mask",
     ) -> None:
         """Aligns the sources.
 
@@ -74,7 +80,8 @@ class Collection:
             unlabeled_category: label value meaning "no label" (code -1).
             gene_join: ``"inner"`` (intersection, first study's order) or ``"outer"`` (union, zero-filled);
                 ignored with ``registry``, whose genes are the reference.
-            min_gene_overlap: a study sharing a smaller fraction of the reference genes is refused.
+            min_gene_overlap: a study sharing a smaller fraction of the reference genes is refused (how the
+                fraction is measured for each join: ``alignment.reference_genes``).
             registry: align onto a trained model's registry instead of building one (query / inference):
                 missing genes are zero-filled, extra genes dropped; missing proteins masked, extra ones
                 dropped with an ``AlignmentWarning``.
@@ -83,6 +90,9 @@ class Collection:
             provenance: JSON-safe record of where the sources came from (e.g. LaminDB collection and
                 artifact uids); goes into the new registry's ``extra``. With ``registry``, the model's
                 ``extra`` is kept and this is only available as ``self.provenance``.
+            absent_genes: ``"mask"`` (default): reference genes a study did not measure (outer join, or a query
+                lacking registry genes) are zero-filled and flagged in ``CiteBatch.rna_mask``, so models treat
+                them as unmeasured; ``"zero"``: they read as measured zeros (``alignment.ABSENT_GENES``).
 
         Raises:
             ConfigError: an argument is out of range.
@@ -91,6 +101,9 @@ class Collection:
         """
         sources = tuple(sources)
         self._check_args(sources, gene_join, min_gene_overlap)
+        if absent_genes not in ABSENT_GENES:
+            raise ConfigError(f"absent_genes must be one of {ABSENT_GENES}; got {absent_genes!r}")
+        self.absent_genes = absent_genes
         self.provenance = dict(provenance or {})
         self.sources = sources
         counts = np.array([int(s.n_obs) for s in sources], dtype=np.int64)
@@ -118,6 +131,11 @@ class Collection:
             len(m) == len(genes) and bool((m == np.arange(len(genes))).all()) for m in self._gene_maps
         ]
         self._gene_all_kept = [bool((m >= 0).all()) for m in self._gene_maps]
+        self.study_gene_masks = self._gene_presence(len(genes))
+        # Only carried when some study lacks a gene: fully measured data keeps rna_mask None (no cost, fast paths).
+        self._gene_mask_table = (
+            self.study_gene_masks if absent_genes == "mask" and not self.study_gene_masks.all() else None
+        )
         self._protein_maps = [index_map(p, proteins) for p in protein_lists]
         if registry is not None:
             self._warn_protein_mismatch(protein_lists, proteins)
@@ -142,6 +160,14 @@ class Collection:
             raise ConfigError(f"gene_join must be one of {GENE_JOINS}; got {gene_join!r}")
         if not 0.0 <= float(min_gene_overlap) <= 1.0:
             raise ConfigError(f"min_gene_overlap must be a fraction in [0, 1]; got {min_gene_overlap}")
+
+    def _gene_presence(self, n_genes: int) -> np.ndarray:
+        """``[n_sources, G] bool``: which reference genes each study measured."""
+        presence = np.zeros((len(self.sources), n_genes), dtype=bool)
+        for s, gmap in enumerate(self._gene_maps):
+            presence[s, gmap[gmap >= 0]] = True
+        presence.flags.writeable = False
+        return presence
 
     def _warn_protein_mismatch(self, protein_lists: list[np.ndarray], proteins: np.ndarray) -> None:
         for source, names, pmap in zip(self.sources, protein_lists, self._protein_maps):
@@ -193,6 +219,8 @@ class Collection:
         )
         known = registry.batch_categories if registry is not None else None
         codes, self._batch_categories = batch_codes(self.sources, batch_key, prefix, known, allow_new)
+        if registry is None and labels_key is not None:
+            self._check_some_study_has(labels_key)
         labels, self._label_categories = label_codes(
             self.sources, labels_key, unlabeled, registry.label_categories if registry is not None else None
         )
@@ -200,6 +228,17 @@ class Collection:
         labels.flags.writeable = False
         self.batch_codes, self.label_codes = codes, labels
         self._batch_key, self._labels_key, self._prefixed = batch_key, labels_key, prefix
+
+    def _check_some_study_has(self, labels_key: str) -> None:
+        # One study without the labels column is a semi-supervised mix (a warning, in label_codes); none with it
+        # is a misspelt key, which would otherwise train with every cell unlabeled.
+        if any(labels_key in s.obs_columns for s in self.sources):
+            return
+        columns = sorted({str(c) for s in self.sources for c in s.obs_columns})
+        raise StoreFormatError(
+            f"labels key {labels_key!r}: no study has this obs column (studies {[s.name for s in self.sources]}); "
+            f"their columns are {columns[:30]}"
+        )
 
     def _build_registry(self, genes, proteins, study_masks, registry, unlabeled) -> Registry:
         names = [s.name for s in self.sources]
@@ -248,6 +287,33 @@ class Collection:
         """``[len(ids), T] bool``: which reference proteins were measured for each cell (no I/O)."""
         return self._panel_table[self._panel_codes[np.asarray(ids, dtype=np.int64)]]
 
+    def obs_frame(self) -> "pd.DataFrame":
+        """Every cell's obs columns as one DataFrame, in global id order (for exports and selection by name).
+
+        Columns are the union over studies (a study without a column gets empty values) plus ``study``; text
+        columns become categoricals. Columns whose name starts with ``_`` (internal, e.g. ``_study``) are left
+        out. The index is the cells' names (``Source.obs_names``); when they are not unique across the studies,
+        every name becomes ``"<study>:<name>"``.
+
+        Returns:
+            A ``[n_obs, ...]`` pandas DataFrame.
+        """
+        import pandas as pd
+
+        frames = []
+        for source in self.sources:
+            columns = {c: source.obs_column(c) for c in source.obs_columns if not c.startswith("_")}
+            frame = pd.DataFrame(columns, index=pd.Index(np.asarray(source.obs_names()).astype(str)))
+            frame["study"] = source.name
+            frames.append(frame)
+        obs = pd.concat(frames)
+        for column in obs.columns:
+            if obs[column].dtype == object:
+                obs[column] = obs[column].fillna("").astype(str).astype("category")
+        if not obs.index.is_unique:
+            obs.index = [f"{study}:{name}" for study, name in zip(obs["study"], obs.index)]
+        return obs
+
     # ---------------------------------------------------------------- reads
 
     def read(self, ids: np.ndarray) -> CiteBatch:
@@ -295,6 +361,8 @@ class Collection:
             rna=rna, protein=protein, protein_mask=mask,
             batch=self.batch_codes[ids].astype(np.int64), label=self.label_codes[ids].astype(np.int64),
             cell_id=ids.copy(),
+            gene_mask_table=self._gene_mask_table,
+            gene_mask_codes=None if self._gene_mask_table is None else self.study_codes(ids).astype(np.int32),
         )
 
     def _align(self, s: int, rows, gids: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from streamtotal.config_io import dumps_toml, from_dict, read_toml, to_dict
+from streamtotal.device import check_device_name
 from streamtotal.errors import ConfigError
 from streamtotal.model.config import ModelConfig
 
@@ -29,7 +30,14 @@ class DataConfig:
     gene_join: Literal["inner", "outer"] = "inner"
     """How genes of several studies are combined: intersection, or union with zero-fill."""
     min_gene_overlap: float = 0.5
-    """A study sharing less than this fraction of the reference genes is refused."""
+    """A study sharing less than this fraction of the reference genes is refused. Inner join: the fraction of the
+    first study's genes kept; outer join: the fraction of the union a study measures, and the genes it shares with
+    the other studies over the smaller of the two lists (so a study sharing no gene is refused)."""
+    absent_genes: Literal["mask", "zero"] = "mask"
+    """Reference genes a study did not measure (outer join, or a mapped query lacking reference genes): "mask"
+    treats them as unmeasured, left out of the RNA likelihood and, in the encoder input, replaced by the model's
+    own expectation from the measured genes; "zero" reads them as measured zeros (the behaviour before masking,
+    and scvi-tools')."""
     soma_rna_measurement: str = "RNA"
     """TileDB-SOMA stores: name of the RNA measurement."""
     soma_protein_measurement: str = "prot"
@@ -112,7 +120,7 @@ class TrainConfig:
     threads: int = 0
     """torch CPU threads; 0 = torch's default."""
     device: str = "auto"
-    """"auto" (CUDA if available, else CPU), "cpu", or "cuda[:N]"."""
+    """"auto" (CUDA if available, else CPU), "cpu", "cuda[:N]" or "mps"."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Precision of the training forward pass. "bf16" runs the linear layers under bfloat16 autocast (densities,
     KL terms and the loss stay float32, as do weights and optimiser state); "fp32" runs everything in float32;
@@ -145,6 +153,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        # Only the form: whether the GPU exists is asked when the run starts (streamtotal.device.resolve_device).
+        check_device_name(self.device, "train.device (--device)")
         if self.read_threads < 1:
             raise ConfigError(f"train.read_threads must be >= 1, got {self.read_threads!r}")
         if (self.num_workers < 0 or (self.prefetch_batches or 0) < 0 or self.threads < 0

@@ -7,6 +7,8 @@ import os
 import re
 from pathlib import Path
 
+from streamtotal.cli.output_path import check_output_path
+
 TOP = 10  # hits printed per comparison
 
 
@@ -57,6 +59,7 @@ def _write_csv(df, path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_path(args.out, "--out", kind="file" if str(args.out).lower().endswith(".csv") else "dir")
     from streamtotal.errors import ConfigError
     from streamtotal.inference.differential import DEOptions, DifferentialExpression
 

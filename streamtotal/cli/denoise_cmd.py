@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from streamtotal.cli.output_path import check_output_path
+
 WHAT = {"rna": ["rna"], "protein": ["protein"], "foreground": ["foreground"], "all": ["rna", "protein", "foreground"]}
 
 
@@ -37,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--genes", nargs="+", help="only these genes (default all)")
     p.add_argument("--proteins", nargs="+", help="only these proteins (default all)")
     p.add_argument("--n-samples", type=int, default=1,
-                   help="posterior draws averaged (default 1: the plug-in estimate at the posterior means)")
+                   help="posterior draws averaged (default 1: the plug-in estimate at the posterior means); with 2 "
+                   "or more, the denoised protein's standard deviation over the draws (its uncertainty, also for "
+                   "proteins a study did not measure) is written alongside, to obsm/denoised_protein_std")
     p.add_argument("--include-protein-background", action="store_true", help="add the background part pi*beta")
     p.add_argument("--sample-protein-mixing", action="store_true", help="draw Bernoulli(pi) instead of using pi")
     p.add_argument("--scale-protein", action="store_true", help="scale each cell's protein vector to sum 1")
@@ -51,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_path(args.out_h5ad, "--out-h5ad", kind="file")
     from streamtotal.inference.expression import ExpressionOptions, StorePosterior
 
     options = ExpressionOptions(
@@ -61,7 +66,8 @@ def run(args: argparse.Namespace) -> None:
     )
     post = StorePosterior(args.run_dir, args.store, batch_size=args.batch_size, device=args.device,
                           progress=not args.no_progress)
-    result = post.compute(WHAT[args.what], None, options, write_back=not args.no_write_back,
+    what = WHAT[args.what] + (["protein_std"] if "protein" in WHAT[args.what] and args.n_samples > 1 else [])
+    result = post.compute(what, None, options, write_back=not args.no_write_back,
                           keep=bool(args.out_h5ad))
     message = f"denoised {result.n_cells} cells"
     if result.written:

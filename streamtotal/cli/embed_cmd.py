@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from streamtotal.cli.output_path import check_output_path
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -26,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_path(args.export_h5ad, "--export-h5ad", kind="file")
     from streamtotal.inference.embed import embed
 
     result = embed(args.run_dir, args.store, key=None if args.no_write_back else args.key,

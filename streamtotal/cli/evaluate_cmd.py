@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from streamtotal.cli.output_path import check_output_path
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -32,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_path(args.out, "--out", kind="file")
     from streamtotal.inference.evaluate import evaluate
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None

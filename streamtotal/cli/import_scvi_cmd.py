@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from streamtotal.cli.output_path import check_output_path
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -28,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_path(args.out, "--out", kind="file")
     from streamtotal.interop.scvi_import import import_scvi_model
 
     result = import_scvi_model(args.scvi_model_dir, args.out, overwrite=args.overwrite, batch_name=args.batch_name)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from streamtotal.cli.output_path import check_output_path
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -37,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_path(args.out, "--out", kind="dir" if args.append else "file", object_storage=True)
     from streamtotal.errors import ConfigError
 
     common = dict(input_format=args.input_format, protein_key=args.protein_key, rna_layer=args.rna_layer,

@@ -8,6 +8,7 @@ import os
 
 from streamtotal.cli.knn_args import add_knn_arguments, knn_config_from_args
 from streamtotal.surgery.freeze import UNFROZEN_CHOICES
+from streamtotal.cli.output_path import check_output_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-dropout", action="store_true", help="switch dropout off during query training")
     p.add_argument("--min-gene-overlap", type=float,
                    help="refuse a query study sharing less than this fraction of the reference genes")
+    p.add_argument("--absent-genes", choices=["mask", "zero"],
+                   help="reference genes a query lacks: mask (unmeasured: out of the RNA likelihood, estimated in "
+                   "the encoder input) or zero (read as measured zeros, as scvi-tools); default: the reference's "
+                   "[data] absent_genes (mask)")
     p.add_argument("--batch-key", help="obs column of the query's batch, defining the new batches (default: the "
                    "reference's; none there: every query store is one batch)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -55,9 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_path(args.out, "--out", kind="dir")
     from streamtotal.surgery.freeze import SurgeryConfig
     from streamtotal.surgery.map_query import map_query
+    from streamtotal.cli.process_settings import tune_process_for_training
 
+    tune_process_for_training(args.device)
     train = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
              "checkpoint_every_steps": args.checkpoint_every, "device": args.device, "threads": args.threads,
              "progress": False if args.no_progress else None}
@@ -65,7 +73,8 @@ def run(args: argparse.Namespace) -> None:
     result = map_query(args.reference_run, args.query_stores, args.out, surgery=surgery, epochs=args.epochs,
                        batch_key=args.batch_key, min_gene_overlap=args.min_gene_overlap, resume=args.resume,
                        train={k: v for k, v in train.items() if v is not None}, predict=args.predict,
-                       prefix=args.prefix, progress=not args.no_progress, knn=knn_config_from_args(args))
+                       prefix=args.prefix, progress=not args.no_progress, knn=knn_config_from_args(args),
+                       absent_genes=args.absent_genes)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"run_dir": str(args.out), "new_batches": result.report["new_batches"],
                           "steps": result.summary.steps, "epochs": result.summary.epochs,

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from streamtotal.cli.cell_selection import add_cell_arguments, add_draw_arguments, selected_cell_ids
+from streamtotal.cli.output_path import check_output_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_path(args.out, "--out", kind="file")
     from streamtotal.errors import ConfigError
     from streamtotal.inference.expression import StorePosterior
     from streamtotal.inference.predictive_store import export_predictive, write_predictive

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from streamtotal.simulate import CiteSimulator, SimulationConfig
 from streamtotal.simulate_writer import write_simulation  # noqa: F401 (also imported from here by tests)
+from streamtotal.cli.output_path import check_output_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_path(args.out, "OUT", kind="file")
     config = SimulationConfig(n_cells=args.cells, n_genes=args.genes, n_proteins=args.proteins,
                               n_cell_types=args.cell_types, n_batches=args.batches,
                               n_missing_proteins=args.missing_proteins, seed=args.seed)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from loaders.object_store import as_path, is_url
 from streamtotal.config import RunConfig
+from streamtotal.cli.output_path import check_output_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--labels-key", help="obs column of cell-type labels")
     g.add_argument("--protein-key", help="obsm key of protein counts (default protein_expression)")
     g.add_argument("--gene-join", choices=["inner", "outer"], help="combine genes of several studies")
+    g.add_argument("--absent-genes", choices=["mask", "zero"],
+                   help="genes a study lacks in an outer join: mask (unmeasured, default) or zero (measured zeros)")
     m = p.add_argument_group("model")
     m.add_argument("--n-latent", type=int, help="latent dimensions (default 20)")
     m.add_argument("--n-hidden", type=int, help="hidden units per layer (default 256)")
@@ -68,11 +72,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.config:
         config = RunConfig.from_toml(args.config)
     elif getattr(args, "init_from", None):
-        from pathlib import Path
-
         from streamtotal.errors import RunDirError
 
-        toml = Path(args.init_from) / "config.toml"
+        toml = as_path(args.init_from) / "config.toml"
         if not toml.is_file():
             raise RunDirError(f"--from {args.init_from}: no config.toml there; is it a training run directory?")
         source = RunConfig.from_toml(toml)
@@ -81,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         config = RunConfig()
     overrides = {
         "data": {"stores": list(args.stores) or None, "batch_key": args.batch_key, "labels_key": args.labels_key,
-                 "protein_key": args.protein_key, "gene_join": args.gene_join},
+                 "protein_key": args.protein_key, "gene_join": args.gene_join, "absent_genes": args.absent_genes},
         "model": {"n_latent": args.n_latent, "n_hidden": args.n_hidden, "latent_library": args.latent_library,
                   "empirical_protein_background_prior": args.empirical_prior,
                   "adversarial_classifier": args.adversarial, "label_classifier": args.totalanvi,
@@ -98,13 +100,17 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def _absolute(path: str | None) -> str | None:
     from pathlib import Path
 
-    return str(Path(path).resolve()) if path else None
+    return (path if is_url(path) else str(Path(path).resolve())) if path else None
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_path(args.out, "--out", kind="dir", object_storage=True)
+    from streamtotal.cli.process_settings import tune_process_for_training
     from streamtotal.training.trainer import Trainer
 
-    trainer = Trainer(config_from_args(args), args.out, resume=args.resume)
+    config = config_from_args(args)
+    tune_process_for_training(config.train.device)
+    trainer = Trainer(config, args.out, resume=args.resume)
     summary = trainer.fit()
     if trainer.dist.is_main:
         print(json.dumps({"run_dir": str(args.out), "steps": summary.steps, "epochs": summary.epochs,

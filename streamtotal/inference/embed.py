@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loaders.store_results import read_obsm
 from streamtotal.data import open_collection
 from streamtotal.inference.cell_stream import stream_blocks
 from streamtotal.inference.write_back import ObsmTarget, WriteBack
 from streamtotal.inference.write_ledger import file_sha256
 from streamtotal.training.run_dir import load_trained
-from streamtotal.training.trainer import resolve_device
+from streamtotal.device import resolve_device
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -92,7 +93,8 @@ def embed(
     keep = np.zeros((collection.n_obs, n_latent), dtype=np.float32) if (return_latent or export_h5ad) else None
     for unit, gpu_batch, _ in stream_blocks(collection, ids, block_rows=batch_size, device=dev, desc="embed",
                                             progress=progress):
-        z = model.encode(gpu_batch.rna, gpu_batch.protein, gpu_batch.protein_mask, gpu_batch.batch, give_mean=True)
+        z = model.encode(gpu_batch.rna, gpu_batch.protein, gpu_batch.protein_mask, gpu_batch.batch, give_mean=True,
+                         rna_mask=gpu_batch.rna_mask)
         z = z.float().cpu().numpy()
         if writer is not None:
             writer.write_unit(unit, obsm={key: z})
@@ -101,21 +103,13 @@ def embed(
     if writer is not None:
         writer.commit()
         if keep is not None and writer.skipped:  # chunks done before the interruption: read them back
-            keep[:] = _read_obsm(store, key)
+            keep[:] = read_obsm(store, key)
     exported = None
     if export_h5ad:
         exported = _export_anndata(collection, keep, key or "X_streamtotal", Path(export_h5ad))
     return EmbedResult(n_cells=collection.n_obs, key=key, latent=keep if return_latent else None, exported=exported,
                        chunks_skipped=writer.skipped if writer else 0,
                        chunks_computed=writer.computed if writer else 0)
-
-
-def _read_obsm(store, key: str) -> np.ndarray:
-    import zarr
-
-    from loaders.store_layout import ZARR_FORMAT
-
-    return zarr.open_group(str(store), mode="r", zarr_format=ZARR_FORMAT, use_consolidated=False)[f"obsm/{key}"][:]
 
 
 def _export_anndata(collection, latent: np.ndarray, key: str, path: Path) -> Path:
@@ -130,20 +124,8 @@ def _export_anndata(collection, latent: np.ndarray, key: str, path: Path) -> Pat
 
 
 def collection_obs(collection) -> "pd.DataFrame":
-    """Every cell's obs columns (the union over studies; missing ones empty) plus ``study``, as categoricals."""
-    import pandas as pd
+    """Every cell's obs columns (the union over studies; missing ones empty) plus ``study``, as categoricals.
 
-    frames = []
-    for source in collection.sources:
-        columns = {c: source.obs_column(c) for c in source.obs_columns if not c.startswith("_")}
-        names = source.obs_names() if hasattr(source, "obs_names") else np.arange(source.n_obs).astype(str)
-        frame = pd.DataFrame(columns, index=pd.Index(np.asarray(names).astype(str)))
-        frame["study"] = source.name
-        frames.append(frame)
-    obs = pd.concat(frames)
-    for column in obs.columns:
-        if obs[column].dtype == object:
-            obs[column] = obs[column].fillna("").astype(str).astype("category")
-    if not obs.index.is_unique:
-        obs.index = [f"{study}:{name}" for study, name in zip(obs["study"], obs.index)]
-    return obs
+    Kept for callers of this module; the frame is ``loaders.collection.Collection.obs_frame``'s.
+    """
+    return collection.obs_frame()

@@ -8,6 +8,9 @@ written back into the store's ``obsm`` chunk by chunk (``write_back``):
                                                             2,000 genes = 8 GB on disk before compression)
     obsm/denoised_protein          [n_cells, T'] float32
     obsm/protein_foreground_prob   [n_cells, T'] float32
+    obsm/denoised_protein_std      [n_cells, T'] float32  (``protein_std``: the spread of the denoised protein over
+                                                            ``n_samples >= 2`` posterior draws, its uncertainty;
+                                                            also where the cell's study did not measure a protein)
 
 Each array's attrs hold ``feature_names`` (its columns) and ``streamtotal`` (quantity, options, model file), so a
 reader knows what the columns are. Writing goes through ``write_back.WriteBack``: hidden temporary arrays,
@@ -29,26 +32,26 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import zarr
 
 from loaders.citebatch import CiteBatch
-from loaders.store_layout import ZARR_FORMAT
+from loaders.store_results import read_obsm
 from streamtotal.data import open_collection
 from streamtotal.errors import ConfigError
 from streamtotal.inference import posterior
 from streamtotal.inference.cell_stream import block_generator, stream_blocks, stream_cells
-from streamtotal.inference.embed import collection_obs
 from streamtotal.inference.write_back import ObsmTarget, WriteBack
 from streamtotal.inference.write_ledger import file_sha256
 from streamtotal.inference.selection import batch_codes, cell_ids as check_cell_ids, feature_indices
 from streamtotal.training.run_dir import TrainedModel, load_trained
-from streamtotal.training.trainer import resolve_device
+from streamtotal.device import resolve_device
 
-QUANTITIES = ("rna", "protein", "foreground")
+QUANTITIES = ("rna", "protein", "foreground", "protein_std")
 """What ``compute`` / ``streamtotal denoise --what`` can produce."""
 
 DEFAULT_KEYS = {"rna": "denoised_rna", "protein": "denoised_protein", "foreground": "protein_foreground_prob"}
 """obsm key each quantity is written to by default."""
+PROTEIN_STD_KEY = "denoised_protein_std"
+"""obsm key of the ``protein_std`` quantity (asked for explicitly, so not among ``DEFAULT_KEYS``)."""
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,8 @@ class StorePosterior:
         """Computes several quantities in one pass over the cells; keeps them in memory and/or writes them back.
 
         Args:
-            what: quantities among ``QUANTITIES`` ("rna", "protein", "foreground").
+            what: quantities among ``QUANTITIES`` ("rna", "protein", "foreground", "protein_std": the denoised
+                protein's standard deviation over ``n_samples >= 2`` posterior draws).
             cell_ids: global cell ids (any order; results follow it); None = every cell.
             options: the estimation options; keyword ``overrides`` replace its fields.
             write_back: write each quantity into ``obsm/<key>`` of the store (needs every cell and
@@ -261,7 +265,7 @@ class StorePosterior:
             raise ConfigError(f"unknown quantities {unknown or what}; choose among {list(QUANTITIES)}")
         opts = self._options(options, overrides)
         ids = check_cell_ids(cell_ids, self.n_obs)
-        keys = {**DEFAULT_KEYS, **(keys or {})}
+        keys = {**DEFAULT_KEYS, "protein_std": PROTEIN_STD_KEY, **(keys or {})}
         if write_back:
             if cell_ids is not None and ids.size != self.n_obs:
                 raise ConfigError("write_back covers every cell of the store; pass cell_ids=None")
@@ -272,6 +276,7 @@ class StorePosterior:
         tb = batch_codes(opts.transform_batch, self.registry)
         names = {"rna": _names(self.registry.gene_names, genes),
                  "protein": _names(self.registry.protein_names, proteins),
+                 "protein_std": _names(self.registry.protein_names, proteins),
                  "foreground": _names(self.registry.protein_names, proteins)}
         fns: dict[str, Callable[[CiteBatch, torch.Generator], torch.Tensor]] = {}
         for quantity in what:  # each gets its own generator per block: each equals its single-quantity call
@@ -282,6 +287,8 @@ class StorePosterior:
             elif quantity == "protein":
                 fns["protein"] = _bind(posterior.denoised_protein, self.model,
                                        **self._protein_kwargs(opts, tb, proteins))
+            elif quantity == "protein_std":
+                fns["protein_std"] = self._protein_std(opts, tb, proteins)
             else:
                 fns["foreground"] = _bind(posterior.protein_foreground_probability, self.model, transform_batch=tb,
                                           n_samples=opts.n_samples, return_mean=opts.return_mean,
@@ -301,8 +308,7 @@ class StorePosterior:
             writer.commit()
             written = {q: keys[q] for q in what}
             if keep:  # read back: chunks written before an interruption were not computed by this call
-                root = zarr.open_group(self.store, mode="r", zarr_format=ZARR_FORMAT, use_consolidated=False)
-                values = {q: root[f"obsm/{keys[q]}"][:] for q in what}
+                values = {q: read_obsm(self.store, keys[q]) for q in what}
         return ComputeResult(n_cells=self.n_obs if write_back else int(ids.size), values=values,
                              feature_names={q: names[q] for q in what}, written=written,
                              chunks_skipped=writer.skipped if writer else 0,
@@ -316,7 +322,7 @@ class StorePosterior:
         import anndata as ad
         import pandas as pd
 
-        obs = collection_obs(self.collection)
+        obs = self.collection.obs_frame()
         if result.n_cells != len(obs) or not result.values:
             raise ConfigError("export_h5ad needs a compute(...) result over every cell, kept in memory")
         obsm = {DEFAULT_KEYS[q]: pd.DataFrame(v, index=obs.index, columns=result.feature_names[q])
@@ -335,6 +341,16 @@ class StorePosterior:
 
     def _protein_index(self, opts: ExpressionOptions) -> np.ndarray | None:
         return feature_indices(opts.proteins, self.registry.protein_names, "protein")
+
+    def _protein_std(self, opts, tb, proteins) -> Callable[[CiteBatch, torch.Generator], torch.Tensor]:
+        """The standard deviation of the denoised protein over the ``n_samples`` posterior draws. Its generator is
+        seeded as the "protein" quantity's, so it is the spread of exactly the draws whose mean that one gives."""
+        if opts.n_samples < 2:
+            raise ConfigError(f"protein_std is a spread over posterior draws: use n_samples >= 2 (--n-samples); got "
+                              f"{opts.n_samples}")
+        kwargs = {**self._protein_kwargs(opts, tb, proteins), "return_mean": False}
+        return lambda batch, generator: posterior.denoised_protein(self.model, batch, generator=generator,
+                                                                   **kwargs).std(dim=0)
 
     def _protein_kwargs(self, opts, tb, proteins) -> dict:
         return dict(transform_batch=tb, n_samples=opts.n_samples, return_mean=opts.return_mean,

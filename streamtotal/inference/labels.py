@@ -177,7 +177,7 @@ def predict_labels_many(
             logger.info("%s: resumed: %d of %d chunks were already written", store, writer.skipped, writer.n_units)
         for unit, b, _ in stream_blocks(collection, local_ids + offset, block_rows=batch_size, device=dev,
                                         desc=f"predict {Path(str(store)).name}", progress=progress, offset=offset):
-            z = model.encode(b.rna, b.protein, b.protein_mask, b.batch, give_mean=True)
+            z = model.encode(b.rna, b.protein, b.protein_mask, b.batch, give_mean=True, rna_mask=b.rna_mask)
             out = {name: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
                    for name, v in classify(z).items()}
             out["latent"] = z.float().cpu().numpy()

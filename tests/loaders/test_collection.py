@@ -98,6 +98,23 @@ def test_refuses_study_below_overlap(two_studies):
     assert Collection([a, c], min_gene_overlap=0.3).registry.gene_names == ("g0", "g1", "g2")
 
 
+def test_outer_join_refuses_a_study_sharing_no_gene_even_at_half_the_union(two_studies):
+    a, _ = two_studies
+    disjoint = make_source("D", [f"h{i}" for i in range(10)], PROT_A)  # measures 50% of the union: passed before
+    with pytest.raises(AlignmentError, match=r"study 'D' shares no genes with the other studies.*0 of 10"):
+        Collection([a, disjoint], gene_join="outer")
+
+
+def test_outer_join_measures_sharing_against_the_smaller_gene_list(two_studies):
+    a, _ = two_studies
+    panel = make_source("P", ["g0", "g1", "g2", "g3", "g4", "g5"], PROT_A)  # inside A: fully shared, 60% of union
+    assert Collection([a, panel], gene_join="outer").registry.gene_names == tuple(GENES_A)
+    partly = make_source("Q", ["g0", "g1", "g2", "z0", "z1", "z2", "z3", "z4"], PROT_A)  # 3 of its 8 shared
+    with pytest.raises(AlignmentError, match=r"study 'Q' shares 3 of 8 genes with the other studies.*\(37\.5%\)"):
+        Collection([a, partly], gene_join="outer")
+    assert len(Collection([a, partly], gene_join="outer", min_gene_overlap=0.35).registry.gene_names) == 15
+
+
 def test_protein_panels_within_a_study():
     panels = np.array([[True, True, True], [True, False, True]])
     src = make_source("P", GENES_A, ["CD3", "CD4", "CD8"], n=10, protein_panels=panels,
@@ -157,6 +174,13 @@ def test_unknown_labels_on_registry_and_missing_label_column(two_studies):
         Collection([q], registry=reg, labels_key="ct")
 
 
+def test_a_labels_key_no_study_has_is_refused(two_studies):
+    a, b = two_studies
+    with pytest.raises(StoreFormatError, match=r"labels key 'celltype': no study has this obs column \(studies "
+                                               r"\['A', 'B'\]\); their columns are \['batch', 'ct'\]"):
+        Collection([a, b], labels_key="celltype")
+
+
 def test_read_refuses_bad_ids_and_bad_counts(two_studies):
     a, b = two_studies
     col = Collection([a, b])
@@ -203,3 +227,17 @@ def test_batch_and_label_columns_of_any_kind():
         Collection([bad], batch_key="run")
     with pytest.raises(StoreFormatError, match=r"study 'S': no obs column 'donor'; columns are \['run'\]"):
         Collection([bad], batch_key="donor")
+
+
+def test_obs_frame_joins_the_studies_columns_and_names(two_studies):
+    a, b = two_studies
+    obs = Collection([a, b]).obs_frame()
+    assert obs.shape[0] == 50 and list(obs.columns) == ["batch", "ct", "study"]
+    assert list(obs["study"][[0, 30]]) == ["A", "B"] and obs["ct"].iloc[31] == ""  # B has no ct column
+    assert str(obs["batch"].dtype) == "category"
+    # Both studies name their cells "0", "1", ...: the names are made unique with the study.
+    assert list(obs.index[[0, 30]]) == ["A:0", "B:0"]
+    named = make_source("C", GENES_A, PROT_A, n=3, obs={"_study": np.array(["C"] * 3)},
+                        obs_names=["x", "y", "z"])
+    obs = Collection([named]).obs_frame()
+    assert list(obs.index) == ["x", "y", "z"] and list(obs.columns) == ["study"]  # "_" columns left out
