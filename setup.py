@@ -10,7 +10,7 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "streamtotal.model.native._nb",
+            "streamtotal.model.native._cpu_kernels",
             sources=["streamtotal/model/native/nb_kernel.c", "streamtotal/model/native/protein_kernel.c",
                      "streamtotal/model/native/layer_kernel.c", "streamtotal/model/native/nb_module.c"],
             # -ffast-math lets GCC call glibc's vectorised exp/log; the RNA kernel checks counts from their bits.

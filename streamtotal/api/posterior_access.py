@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from streamtotal.inference.expression import StorePosterior
 from streamtotal.training.run_dir import TrainedModel
-from streamtotal.training.trainer import resolve_device
+from streamtotal.device import resolve_device
 
 IN_MEMORY = "<in-memory data>"
 """What ``CollectionPosterior.store`` says for data that has no store (shown in error messages)."""

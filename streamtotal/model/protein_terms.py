@@ -1,9 +1,10 @@
 """totalVI's per-cell protein terms: the NB-mixture negative log-likelihood and the background KL, summed over the
 measured proteins.
 
-On CPU (float32) the compiled kernel (native/protein_kernel.c) computes both terms and their derivatives in one
-pass; elsewhere (GPU, float64, no compiler) the same functions are computed with torch operations
-(``torch_protein_terms``), which the kernel is tested against (tests/model/test_protein_terms.py).
+On CPU (float32) the compiled kernel (native/protein_kernel.c, the custom operator
+``torch.ops.streamtotal.protein_terms``, eager and under ``torch.compile``) computes both terms and their
+derivatives in one pass; elsewhere (GPU, float64, no compiler) the same functions are computed with torch
+operations (``torch_protein_terms``), which the kernel is tested against (tests/model/test_protein_terms.py).
 """
 
 from __future__ import annotations
@@ -33,26 +34,6 @@ def torch_protein_terms(y, mask, log_back, back_scale, back_mean, fore_scale, mi
     kl = prior_log_scale - back_scale.log() + (back_scale.square() + (back_mean - prior_mean).square()) / (
         2.0 * prior_var) - 0.5
     return nll, torch.where(mask, kl, 0.0).sum(dim=1)
-
-
-class _NativeProteinTerms(torch.autograd.Function):
-    """The compiled kernels as an autograd function (see native/protein_kernel.c)."""
-
-    @staticmethod
-    def forward(ctx, y, mask, *params):  # noqa: D102 - documented on protein_terms
-        with torch.autocast("cpu", enabled=False):
-            nll, kl, ctx.state = native.protein_forward(y, mask, *params, with_grad=any(ctx.needs_input_grad[2:]))
-        return nll, kl
-
-    @staticmethod
-    def backward(ctx, grad_nll, grad_kl):  # noqa: D102
-        if grad_nll is None:
-            grad_nll = torch.zeros(ctx.state.local.shape[1])
-        if grad_kl is None:
-            grad_kl = torch.zeros(ctx.state.local.shape[1])
-        with torch.autocast("cpu", enabled=False):
-            grads = native.protein_backward(grad_nll, grad_kl, ctx.state, ctx.needs_input_grad[2:])
-        return None, None, *grads
 
 
 def protein_terms(
@@ -92,5 +73,5 @@ def protein_terms(
     args = (y, mask, log_back, back_scale, back_mean, fore_scale, mix_logits, theta, prior_mean, prior_log_scale)
     if native.float32_cpu(y, log_back, back_scale, back_mean, fore_scale, mix_logits, theta, prior_mean,
                               prior_log_scale):
-        return _NativeProteinTerms.apply(*args)
+        return native.protein_terms(*args)
     return torch_protein_terms(*args)

@@ -26,6 +26,7 @@ from streamtotal.config import RunConfig
 from streamtotal.data import open_collection
 from streamtotal.device import resolve_device
 from streamtotal.errors import CheckpointError, RunDirError
+from streamtotal.model import native
 from streamtotal.model.kl_schedule import kl_weight
 from streamtotal.model.totalvi import TotalVAE
 from streamtotal.training.checkpoint import CheckpointWriter, load_latest_checkpoint
@@ -159,8 +160,9 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         # The glibc allocator tuning (cpu_allocator.py) is process-wide too: the CLI makes it
         # (cli/process_settings.py), a library caller calls retain_freed_memory() if it wants it.
-        self.run_dir = RunDir(run_dir)
+        # The data first: a store that cannot be opened must leave no new, empty run directory behind.
         self.collection = collection if collection is not None else open_collection(config.data)
+        self.run_dir = RunDir(run_dir)
         self.registry: Registry = self.collection.registry
 
         checkpoint = None
@@ -350,6 +352,7 @@ class Trainer:
         """
         tc = self.config.train
         start_step, start_time, cells = self.step, time.perf_counter(), 0
+        logger.info("likelihoods and layers computed by %s", native.describe())
         preemption = PreemptionFlag().install()
         fail_at = injected_failure_step()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train",

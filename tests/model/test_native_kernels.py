@@ -17,7 +17,8 @@ def test_kernels_are_built_wherever_a_c_compiler_is():
     # machines) a missing module means the build broke, which must not pass silently.
     if not (shutil.which("gcc") or shutil.which("cc")):
         pytest.skip("no C compiler: the torch path is used")
-    assert native._nb is not None, "streamtotal.model.native._nb was not built: reinstall with pip install -e ."
+    assert native._cpu_kernels is not None, (
+        "streamtotal.model.native._cpu_kernels was not built: reinstall with pip install -e .")
 
 
 def _data(n=64, g=300, seed=0, big=True):
@@ -173,6 +174,6 @@ def test_native_count_tables_equal_count_terms():
     c_want, d_want = count_tables(theta)
     c_got = torch.empty(300, TABLE_WIDTH, dtype=torch.float64)
     d_got = torch.empty(300, TABLE_WIDTH, dtype=torch.float64)
-    native._nb.nb_tables(theta.data_ptr(), 300, TABLE_WIDTH, c_got.data_ptr(), d_got.data_ptr())
+    native._cpu_kernels.nb_tables(theta.data_ptr(), 300, TABLE_WIDTH, c_got.data_ptr(), d_got.data_ptr())
     torch.testing.assert_close(c_got, c_want, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(d_got, d_want, rtol=1e-12, atol=1e-12)

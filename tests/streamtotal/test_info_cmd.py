@@ -19,7 +19,7 @@ def test_info_names_the_kernel_path_and_follows_the_switch():
     on = _info(STREAMTOTAL_NATIVE="1")
     off = _info(STREAMTOTAL_NATIVE="0")
     assert "STREAMTOTAL_NATIVE=0" in off["kernels"] and off["kernels"].startswith("torch operations")
-    if native._nb is not None:
+    if native._cpu_kernels is not None:
         assert on["kernels"].startswith("compiled CPU kernels")
     else:
         assert "not built" in on["kernels"]

@@ -143,6 +143,6 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_nb", "Fused CPU kernels of totalVI's likelihoods and layers.", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_kernels", "Fused CPU kernels of totalVI's likelihoods and layers.", -1, methods};
 
-PyMODINIT_FUNC PyInit__nb(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&module); }
