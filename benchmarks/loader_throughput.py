@@ -4,8 +4,13 @@ Simulated data (default 100,000 cells x 2,000 genes x 100 proteins, 4 batches st
 are) is written once per backend; each measurement then runs in its own process, so its peak RSS (VmHWM) is its
 own, one after the other, so they do not compete for cores:
 
-- streamtotal from a local Zarr store, a backed h5ad file, the Zarr store on S3 (a moto server on 127.0.0.1, in
-  its own process), a TileDB-SOMA Experiment and a LaminDB collection (when those backends are installed);
+- streamtotal from a local Zarr store, a backed h5ad file, a TileDB-SOMA Experiment and a LaminDB collection (when
+  those backends are installed);
+- object storage: the same Zarr store and SOMA Experiment on S3 (a moto server on 127.0.0.1, in its own process),
+  read directly and through ``latency_proxy.LatencyProxy`` (``--s3-latency-ms``, 20 ms per request by default: real
+  S3's round trip, loopback only), with the requests issued and bytes read per cell the proxy counted, and
+  ``s3_proxy_zarr_vs_local_ratio`` / ``s3_proxy_soma_vs_local_ratio`` (cells/s through the proxy over the same
+  backend on local disk, in the same run);
 - the peers on the same files: tiledbsoma-ml 0.1.0 (RNA only: it has no protein path) on the same SOMA store,
   as its users run it (the criterion) and again with the TileDB read settings streamtotal's SomaSource uses
   (``READ_CONFIG_DEFAULTS``: no heap trim after each query), and LaminDB's MappedCollection on the same h5ad.
@@ -14,7 +19,8 @@ Shuffle quality: for every minibatch, the total-variation distance between its b
 whole data's; averaged, and scaled so 0 = as mixed as a full random permutation and 1 = as unmixed as reading in
 order. Prints one JSON object.
 
-    python benchmarks/loader_throughput.py [--cells 100000 --genes 2000 --proteins 100]
+    python benchmarks/loader_throughput.py [--cells 100000 --genes 2000 --proteins 100] [--s3-latency-ms 20]
+    python benchmarks/loader_throughput.py --object-storage-only   # local Zarr/SOMA and the S3 part, no peers
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import peak_rss_mib
+from latency_proxy import LatencyProxy
 
 BATCH_SIZE = 256
 
@@ -104,8 +111,9 @@ def setup_lamin(work: Path) -> dict:
     return {"slug": ln_setup.settings.instance.slug}
 
 
-def start_s3(work: Path, zarr_path: str) -> tuple[subprocess.Popen, dict]:
-    """Starts moto's S3 server in its own process on a free loopback port and uploads the Zarr store."""
+def start_s3(work: Path, uploads: dict[str, str]) -> tuple[subprocess.Popen, dict]:
+    """Starts moto's S3 server in its own process on a free loopback port and uploads ``uploads`` (key under bucket
+    ``bench`` -> local store directory)."""
     import s3fs
 
     with socket.socket() as s:
@@ -123,8 +131,36 @@ def start_s3(work: Path, zarr_path: str) -> tuple[subprocess.Popen, dict]:
             time.sleep(0.1)
     fs = s3fs.S3FileSystem(key="bench", secret="bench", client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
     fs.mkdir("bench")
-    fs.put(zarr_path, "bench/data.zarr", recursive=True)
+    for key, path in uploads.items():
+        fs.put(path, f"bench/{key}", recursive=True)
     return server, env
+
+
+def measure_object_storage(made: dict, work: Path, num_workers: int, latency_ms: float) -> dict:
+    """The Zarr store and SOMA Experiment on moto's S3, read directly and through the latency proxy."""
+    uploads = {f"data.{b}": made[b] for b in ("zarr", "soma") if b in made}
+    server, env = start_s3(work, uploads)
+    results = {}
+    try:
+        port = int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+        for backend in (b for b in ("zarr", "soma") if b in made):
+            url = f"s3://bench/data.{backend}"
+            results[f"streamtotal_s3_{backend}"] = measure("s3", "streamtotal", url, work, num_workers, env)
+            # A proxy per measurement: its counts are this measurement's own.
+            with LatencyProxy("127.0.0.1", port, latency_s=latency_ms / 1000, max_connections=512,
+                              lifetime_s=3600) as proxy:
+                proxied = {**env, "AWS_ENDPOINT_URL": proxy.endpoint_url}
+                r = measure("s3", "streamtotal", url, work, num_workers, proxied)
+                stats = proxy.stats
+            if "cells" in r:
+                r.update(latency_ms=latency_ms, requests=stats.requests, bytes_read=stats.bytes_to_client,
+                         requests_per_cell=stats.requests / r["cells"],
+                         bytes_per_cell=stats.bytes_to_client / r["cells"])
+            results[f"streamtotal_s3_proxy_{backend}"] = r
+    finally:
+        server.terminate()
+        server.wait()
+    return results
 
 
 # ----------------------------------------------------------------------------- one measurement per process
@@ -245,6 +281,9 @@ def main() -> None:
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--proteins", type=int, default=100)
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--s3-latency-ms", type=float, default=20.0, help="latency the proxy adds to each S3 request")
+    p.add_argument("--object-storage-only", action="store_true",
+                   help="measure local Zarr and SOMA and the object-storage part only (no h5ad, no peers)")
     p.add_argument("--workdir")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
@@ -259,32 +298,28 @@ def main() -> None:
         made = prepare(args, work)
         results = {}
         for backend in ("zarr", "h5ad", "soma"):
-            if backend in made:
+            if backend in made and not (args.object_storage_only and backend == "h5ad"):
                 results[f"streamtotal_{backend}"] = measure(backend, "streamtotal", made[backend], work,
                                                             args.num_workers)
-        server, env = start_s3(work, made["zarr"])
-        try:
-            results["streamtotal_s3_zarr"] = measure("s3", "streamtotal", "s3://bench/data.zarr", work,
-                                                     args.num_workers, env)
-        finally:
-            server.terminate()
-        if "soma" in made:
+        results.update(measure_object_storage(made, work, args.num_workers, args.s3_latency_ms))
+        if "soma" in made and not args.object_storage_only:
             results["tiledbsoma_ml_rna_only"] = measure("soma", "tiledbsoma_ml", made["soma"], work,
                                                         args.num_workers)
             # The peer as its users run it (above, the criterion) and with our TileDB read settings (for fairness).
             results["tiledbsoma_ml_rna_only_our_tiledb_settings"] = measure("soma", "tiledbsoma_ml_tuned", made["soma"],
                                                                             work, args.num_workers)
-        try:
-            import lamindb  # noqa: F401 - only to know whether the LaminDB backend can be measured
+        if not args.object_storage_only:
+            try:
+                import lamindb  # noqa: F401 - only to know whether the LaminDB backend can be measured
 
-            env = lamin_env(work)
-            slug = measure("lamin", "lamin_setup", "", work, 0, env)["slug"]
-            results["streamtotal_lamindb_zarr"] = measure("lamin", "streamtotal", f"lamin://{LAMIN_INSTANCE}/bench-zarr",
-                                                          work, args.num_workers, env)
-            results["lamindb_mapped_collection_h5ad"] = measure("lamin", "mapped_collection", slug, work,
-                                                                args.num_workers, env)
-        except ImportError:
-            pass
+                env = lamin_env(work)
+                slug = measure("lamin", "lamin_setup", "", work, 0, env)["slug"]
+                results["streamtotal_lamindb_zarr"] = measure("lamin", "streamtotal", f"lamin://{LAMIN_INSTANCE}/bench-zarr",
+                                                              work, args.num_workers, env)
+                results["lamindb_mapped_collection_h5ad"] = measure("lamin", "mapped_collection", slug, work,
+                                                                    args.num_workers, env)
+            except ImportError:
+                pass
 
         codes = np.load(work / "batch_codes.npy")
         rng = np.random.default_rng(0)
@@ -302,6 +337,11 @@ def main() -> None:
             for key in ("streamtotal_zarr", "streamtotal_soma", "streamtotal_h5ad", "streamtotal_lamindb_zarr"):
                 if peer and "cells_per_s" in results.get(key, {}):
                     ratios[f"{key}_vs_{peer_key}"] = results[key]["cells_per_s"] / peer
+        for backend in ("zarr", "soma"):  # object storage through the proxy against local disk, in this run
+            local = results.get(f"streamtotal_{backend}", {}).get("cells_per_s")
+            remote = results.get(f"streamtotal_s3_proxy_{backend}", {}).get("cells_per_s")
+            if local and remote:
+                ratios[f"s3_proxy_{backend}_vs_local_ratio"] = remote / local
         print(json.dumps({
             "benchmark": "loader_throughput",
             "data": {"cells": args.cells, "genes": args.genes, "proteins": args.proteins, "batch_size": BATCH_SIZE,

@@ -1,10 +1,13 @@
 """Reads rows of one zarr matrix (CSR group, dense array or dataframe) for a ``ZarrSource``.
 
-Remote (and other non-direct) arrays go through zarr's async API: ``requests`` hands back one coroutine per
-underlying array so that a Source gathers every array of every modality in one event-loop round trip, and their
-latencies overlap. Local zarr v2 arrays are decoded by ``LocalChunkReader`` without the event loop
-(``direct_reads``, one call per array, which the source spreads over its thread and one helper): on a busy machine
-the event loop's hand-offs cost more than they overlap.
+Every array is read through ``requests``, which hands back one coroutine per underlying array so that a Source
+gathers every array of every modality in one event-loop round trip, and their latencies overlap. Zarr v2 arrays on
+object storage are read by ``RemoteChunkReader``: each coroutine fetches every chunk its ranges touch at once (many
+requests in flight, bounded by one semaphore per read) and decodes them in a worker thread while the other arrays'
+chunks are still arriving. Other non-local arrays (zarr format 3, in-memory stores) go through zarr's async API.
+Local zarr v2 arrays are decoded by ``LocalChunkReader`` without the event loop (``direct_reads``, one call per
+array, which the source spreads over its thread and one helper): on a busy machine the event loop's hand-offs cost
+more than they overlap.
 
 Nothing read is silently wrong: a CSR matrix's indptr is checked when it is opened and the column indices of every
 read before they are used (``csr_checks``); a chunk file of its data, indices or indptr that is absent is an error
@@ -28,6 +31,7 @@ from zarr.storage import StorePath, WrapperStore
 from loaders.anndata_layout import MatrixElement
 from loaders.csr_checks import check_index_parts, check_indptr, check_part_lengths
 from loaders.errors import StoreFormatError
+from loaders.remote_chunk_reader import FETCH_CONCURRENCY, RemoteChunkReader
 from loaders.row_runs import gather_csr_rows, gather_dense_rows
 from loaders.thread_priority import lower_current_thread_priority
 from loaders.zarr_chunk_reader import LocalChunkReader, blosc_chunk_problem
@@ -74,17 +78,21 @@ def _checked(array: zarr.Array, *, must_exist: bool, where: str) -> zarr.Array:
 
 
 class _ArrayRanges:
-    """Reads row ranges of one zarr array, directly from local chunk files when it can."""
+    """Reads row ranges of one zarr array, directly from local chunk files or concurrently fetched chunk objects
+    when it can."""
 
     def __init__(self, array: zarr.Array, direct: bool, *, chunks_must_exist: bool, where: str) -> None:
-        self._local = LocalChunkReader.for_array(
-            array, absent_chunks="error" if chunks_must_exist else "fill", where=where) if direct else None
+        absent = "error" if chunks_must_exist else "fill"
+        self._local = LocalChunkReader.for_array(array, absent_chunks=absent, where=where) if direct else None
+        self._remote = (RemoteChunkReader.for_array(array, absent_chunks=absent, where=where)
+                        if direct and self._local is None else None)
         self._async = _checked(array, must_exist=chunks_must_exist, where=where).async_array
         self._ndim = len(array.shape)
         self._rows_per_chunk = int(array.chunks[0])
         self._where = where
         self._path = array.path
         self.direct = self._local is not None
+        self.remote = self._remote is not None
 
     def read_direct(self, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
         return self._local.read_ranges(starts, stops)
@@ -95,9 +103,19 @@ class _ArrayRanges:
         lower_current_thread_priority()
         return self.read_direct(starts, stops)
 
-    async def ranges(self, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
+    def _decode_lowered(self, fetched: dict, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
+        lower_current_thread_priority()  # a worker thread of zarr's loop, as in ``_read_lowered``
+        return self._remote.decode_ranges(fetched, starts, stops)
+
+    async def ranges(self, starts: np.ndarray, stops: np.ndarray,
+                     limit: asyncio.Semaphore | None = None) -> list[np.ndarray]:
         if self._local is not None:
             return await asyncio.to_thread(self._read_lowered, starts, stops)
+        if self._remote is not None:
+            fetched = await self._remote.fetch(self._remote.chunk_indices(starts, stops),
+                                               limit or asyncio.Semaphore(FETCH_CONCURRENCY))
+            # Decoded off the loop, so the loop keeps the other arrays' requests going meanwhile.
+            return await asyncio.to_thread(self._decode_lowered, fetched, starts, stops)
         parts = await asyncio.gather(*(self._range(int(a), int(b)) for a, b in zip(starts, stops)))
         return [np.asarray(p) for p in parts]
 
@@ -123,7 +141,8 @@ class ZarrMatrixReader:
         """Args:
             elem: the element, resolved by ``anndata_layout.resolve_layout`` on a zarr group.
             where: the store, for messages (``"study 'x' (x.zarr)"``).
-            direct: decode local zarr v2 chunks directly (False: always use zarr's reads).
+            direct: decode zarr v2 chunks directly, from local files or concurrently fetched objects on an async
+                fsspec filesystem (False: always use zarr's reads).
 
         Raises:
             StoreFormatError: a CSR matrix whose indptr is corrupt or has an absent chunk (naming store and array).
@@ -184,11 +203,22 @@ class ZarrMatrixReader:
         """True when every array is read from local chunk files directly."""
         return all(a.direct for a in self._arrays)
 
-    def requests(self, starts: np.ndarray, stops: np.ndarray) -> list[Coroutine]:
+    @property
+    def remote(self) -> bool:
+        """True when every array is read as concurrently fetched chunk objects (``RemoteChunkReader``)."""
+        return all(a.remote for a in self._arrays)
+
+    def requests(self, starts: np.ndarray, stops: np.ndarray,
+                 limit: asyncio.Semaphore | None = None) -> list[Coroutine]:
         """Returns one coroutine per underlying array, each giving the parts for the ranges
-        ``starts[i]:stops[i]`` (CSR: in entries, located through indptr; else in rows)."""
+        ``starts[i]:stops[i]`` (CSR: in entries, located through indptr; else in rows).
+
+        Args:
+            limit: bounds the chunk requests in flight of every coroutine together (remote arrays; default one
+                semaphore of ``FETCH_CONCURRENCY`` per array).
+        """
         starts, stops = self._array_ranges(starts, stops)
-        return [a.ranges(starts, stops) for a in self._arrays]
+        return [a.ranges(starts, stops, limit) for a in self._arrays]
 
     def direct_reads(self, starts: np.ndarray, stops: np.ndarray) -> list[Callable[[], list[np.ndarray]]]:
         """What ``requests`` gives, as one call per array that reads it without zarr's event loop (only when
