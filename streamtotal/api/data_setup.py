@@ -271,14 +271,12 @@ def sources_for(data: Any, setup: DataSetup) -> list:
         if setup.layer is not None:
             raise ConfigError("a backed AnnData streams its X; layer= is not supported there (write the layer "
                               "as X, or load the AnnData into memory)")
-        source = H5adSource(str(data.filename), name=IN_MEMORY_STUDY, protein_key=setup.protein_expression_obsm_key)
         # A backed AnnData keeps obsm in memory (only X streams): detect its panels as for an in-memory one, so
-        # both read the same data. The Collection takes panels once, at construction, in this process.
+        # both read the same data.
         panels, codes = _panels(np.asarray(_dense(data.obsm[setup.protein_expression_obsm_key]), dtype=np.float32),
                                 data.obs, setup)
-        if panels is not None:
-            source.protein_panels, source._panel_codes = panels, codes
-        return [source]
+        return [H5adSource(str(data.filename), name=IN_MEMORY_STUDY, protein_key=setup.protein_expression_obsm_key,
+                           protein_panels=panels, protein_panel_codes=codes)]
     protein = data.obsm[setup.protein_expression_obsm_key]
     names_key = setup.protein_names_uns_key or "protein_names"
     panels, codes = _panels(np.asarray(_dense(protein), dtype=np.float32), data.obs, setup)

@@ -183,7 +183,11 @@ class DownstreamMixin:
             delta: |log2 fold change| counted as a change.
             batch_size: cells per forward pass (default 1024, as ``streamtotal de``).
             all_stats: raw statistics (always computed).
-            batch_correction, batchid1, batchid2: unsupported (each cell is decoded in its own batch).
+            batch_correction: decode each group's samples under the batches ``batchid1`` / ``batchid2`` and pool
+                them (scvi-tools' meaning; see ``streamtotal.inference.differential``); False = each cell in its
+                own batch.
+            batchid1, batchid2: batch names (lists) group 1 / group 2 are decoded under with ``batch_correction``
+                (None = every batch of the model; the same set for both pairs samples within a batch).
             fdr_target: posterior expected FDR of the calls (column ``is_de_fdr_<fdr_target>``).
             silent: no progress bars.
             protein_prior_count: pseudocount of the protein fold changes.
@@ -198,21 +202,20 @@ class DownstreamMixin:
             One row per feature and comparison, sorted by Bayes factor within a comparison.
 
         Raises:
-            ConfigError: an unsupported option; SelectionError: unknown column, groups or cells.
+            ConfigError: an unsupported option, or ``batchid1`` / ``batchid2`` without ``batch_correction``;
+            SelectionError: unknown column, groups, cells or batch names.
         """
         _check_mode(mode=(mode, "change", "streamtotal implements the 'change' mode"),
-                    batch_correction=(batch_correction, False, "each cell is decoded in its own batch"),
                     scale_protein=(scale_protein, False, "DE uses the unscaled denoised protein"),
                     sample_protein_mixing=(sample_protein_mixing, False, "DE uses the mixing probability"),
                     include_protein_background=(include_protein_background, False,
                                                 "DE uses the foreground protein"))
-        if batchid1 is not None or batchid2 is not None:
-            raise ConfigError("batchid1 / batchid2 are not supported: each cell is decoded in its own batch")
+        options = DEOptions(delta=delta, fdr_target=fdr_target, protein_pseudocount=protein_prior_count,
+                            cells_per_group=cells_per_group, draws_per_cell=draws_per_cell, seed=self._seed,
+                            batch_correction=bool(batch_correction), batchid1=batchid1, batchid2=batchid2)
         self._require_trained()
         post = self._posterior(adata, batch_size or INFERENCE_BATCH, progress=not silent)
         de = DifferentialExpression(post)
-        options = DEOptions(delta=delta, fdr_target=fdr_target, protein_pseudocount=protein_prior_count,
-                            cells_per_group=cells_per_group, draws_per_cell=draws_per_cell, seed=self._seed)
         if idx1 is not None:
             tables = {"group1": de.compare_cells(_positions(idx1, post.n_obs),
                                                  None if idx2 is None else _positions(idx2, post.n_obs), options,

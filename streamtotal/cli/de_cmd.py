@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from pathlib import Path
 
@@ -38,6 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stats-all-cells", action="store_true",
                    help="raw means and non-zero fractions over every cell of each group (one more pass)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, draws and pairing (default 0)")
+    p.add_argument("--batch-correction", action="store_true",
+                   help="decode each group's samples under the batches of --batchid1 / --batchid2 (default every "
+                   "batch of the model) and pool them, pairing samples within a batch (scvi-tools' "
+                   "batch_correction); without it each cell is decoded in its own batch")
+    p.add_argument("--batchid1", action="append", metavar="BATCH",
+                   help="a batch group 1 is decoded under (repeat for several; needs --batch-correction)")
+    p.add_argument("--batchid2", action="append", metavar="BATCH",
+                   help="a batch group 2 is decoded under (repeat for several; needs --batch-correction)")
     p.add_argument("--out", help="a .csv file (one comparison) or a directory (default RUN_DIR/de)")
     p.add_argument("--batch-size", type=int, default=1024, help="cells per forward pass (default 1024)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
@@ -49,17 +56,9 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "_"
 
 
-def _write_csv(df, path: Path) -> Path:
-    """Writes atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def run(args: argparse.Namespace) -> None:
     check_output_path(args.out, "--out", kind="file" if str(args.out).lower().endswith(".csv") else "dir")
+    from loaders.atomic_files import write_file_atomically
     from streamtotal.errors import ConfigError
     from streamtotal.inference.differential import DEOptions, DifferentialExpression
 
@@ -67,7 +66,8 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError("--group2 needs --group1 (group1 vs group2)")
     options = DEOptions(modality=args.modality, delta=args.delta, fdr_target=args.fdr,
                         cells_per_group=args.cells_per_group, draws_per_cell=args.draws_per_cell,
-                        stats_all_cells=args.stats_all_cells, seed=args.seed)
+                        stats_all_cells=args.stats_all_cells, seed=args.seed,
+                        batch_correction=args.batch_correction, batchid1=args.batchid1, batchid2=args.batchid2)
     de = DifferentialExpression(args.run_dir, args.store, batch_size=args.batch_size, device=args.device,
                                 progress=not args.no_progress)
     if args.group1 is None:
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> None:
     for group, df in results.items():
         other = df["group2"].iloc[0] if len(df) else "rest"
         path = out if single_file else out / f"de_{_safe(args.groupby)}_{_safe(group)}_vs_{_safe(other)}.csv"
-        _write_csv(df, path)
+        write_file_atomically(path, df.to_csv)
         called = int(df["is_de_fdr"].sum())
         print(f"{args.groupby}: {group} vs {other} ({df.attrs['n_group1']} vs {df.attrs['n_group2']} cells): "
               f"{called} of {len(df)} features DE at FDR {args.fdr}; wrote {path}")

@@ -16,16 +16,24 @@ Choices (scvi-tools' TOTALVI.differential_expression defaults, written from its 
   ``protein_prior_count``). Proteins a study did not measure are the model's imputation there.
 * ``delta`` = 0.25 (|LFC| above it counts as a change); P(DE) = P(|LFC| > delta) (two-sided).
 * FDR calls over all features of the comparison (RNA and proteins together), at the posterior expected FDR.
+* ``batch_correction`` (scvi-tools' meaning): each group's samples are decoded under the batches ``batchid1`` /
+  ``batchid2`` (default every batch of the model) instead of each cell's own, an equal share of the group's samples
+  per batch (sample row r under the r-th batch, cyclically; at least one sample per batch), and pooled. When
+  both groups use the same batches, samples are paired within a batch (``n_pairs`` split evenly over the
+  batches), so the fold changes compare the groups under one batch; otherwise they are paired across the pools
+  (a warning when the two sets overlap, as scvi-tools). Without it each cell is decoded in its own batch.
 * Raw statistics (mean count, fraction non-zero, mean count per 10k of the cell's total) over the sampled
   cells, or over every cell of each group with ``stats_all_cells``; protein statistics use only the cells whose
   study measured the protein (per 10k of the cell's measured protein total).
 
-Memory: ``2 * cells_per_group * draws_per_cell * (G' + T')`` float32 samples, plus one block of LFC pairs.
+Memory: ``2 * cells_per_group * draws_per_cell * (G' + T')`` float32 samples (with batch correction and more
+batches than a group's samples, one sample per batch instead), plus one block of LFC pairs.
 Deterministic given ``seed`` (and the batch size and device).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -41,6 +49,8 @@ from streamtotal.inference.expression import StorePosterior
 from streamtotal.inference.posterior import decode, draw_posterior
 from streamtotal.inference.selection import cell_ids as check_cell_ids, feature_indices
 from streamtotal.training.run_dir import TrainedModel
+
+logger = logging.getLogger(__name__)
 
 MODALITIES = {"rna": ("rna",), "protein": ("protein",), "both": ("rna", "protein")}
 _LFC_BLOCK = 256  # features per block of paired LFCs (memory: n_pairs * block floats)
@@ -75,9 +85,16 @@ class DEOptions:
     """Raw statistics over every cell of each group (one extra streamed pass) instead of the sampled cells."""
     seed: int = 0
     """Seed of the cell sampling, posterior draws and pairing."""
+    batch_correction: bool = False
+    """Decode each group's samples under the batches ``batchid1`` / ``batchid2`` and pool them (scvi-tools'
+    ``batch_correction``); False = each cell decoded in its own batch."""
+    batchid1: tuple[str, ...] | None = None
+    """Batch names group 1's samples are decoded under (needs ``batch_correction``); None = every batch."""
+    batchid2: tuple[str, ...] | None = None
+    """Batch names group 2's samples are decoded under (needs ``batch_correction``); None = every batch."""
 
     def __post_init__(self) -> None:
-        for name in ("genes", "proteins"):
+        for name in ("genes", "proteins", "batchid1", "batchid2"):
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, (value,))
@@ -97,6 +114,13 @@ class DEOptions:
             raise ConfigError(f"fdr_target must be in (0, 1); got {self.fdr_target!r}")
         if not (self.rna_pseudocount > 0 and self.protein_pseudocount > 0):
             raise ConfigError("rna_pseudocount and protein_pseudocount must be > 0 (log of a zero expression)")
+        for name in ("batchid1", "batchid2"):
+            value = getattr(self, name)
+            if value is not None and not self.batch_correction:
+                raise ConfigError(f"{name}={list(value)} needs batch_correction=True (without it each cell is "
+                                  "decoded in its own batch)")
+            if value is not None and not value:
+                raise ConfigError(f"{name} is an empty list; pass None to use every batch of the model")
 
 
 @dataclass
@@ -109,12 +133,15 @@ class GroupSample:
         expression: modality -> ``[n * draws_per_cell, F]`` float32 samples; rows ``i * draws .. (i + 1) * draws
             - 1`` belong to ``cell_ids[i]``.
         raw: modality -> {"raw_mean", "nonzero_frac", "raw_norm_mean"} ``[F]`` float64.
+        batch: ``[n * draws]`` the decoder batch code of each sample row (batch correction), or None when each
+            cell was decoded in its own batch.
     """
 
     cell_ids: np.ndarray
     n_group: int
     expression: dict[str, np.ndarray]
     raw: dict[str, dict[str, np.ndarray]]
+    batch: np.ndarray | None = None
 
 
 class _RawStats:
@@ -274,22 +301,48 @@ class DifferentialExpression:
                 raise SelectionError(f"{names[0]} holds every cell of the store; there is no rest to compare with")
         else:
             ids2 = self._cells(cells2, names[1])
+        tb1, tb2 = self.transform_codes(opts, "batchid1"), self.transform_codes(opts, "batchid2")
         rng = np.random.default_rng(_seed(opts.seed, 0))
         sample1 = self.sample_group(_subsample(ids1, opts.cells_per_group, rng), opts, _seed(opts.seed, 1),
-                                    n_group=ids1.size, all_ids=ids1 if opts.stats_all_cells else None)
+                                    n_group=ids1.size, all_ids=ids1 if opts.stats_all_cells else None,
+                                    transform_batch=tb1)
         sample2 = self.sample_group(_subsample(ids2, opts.cells_per_group, rng), opts, _seed(opts.seed, 2),
-                                    n_group=ids2.size, all_ids=ids2 if opts.stats_all_cells else None)
+                                    n_group=ids2.size, all_ids=ids2 if opts.stats_all_cells else None,
+                                    transform_batch=tb2)
         return self.frame(sample1, sample2, opts, names)
 
     # ------------------------------------------------------------------ pieces (public for tests and reuse)
 
+    def transform_codes(self, options: DEOptions, which: str) -> np.ndarray | None:
+        """Decoder batch codes of one group's samples: ``options.batchid1`` (``which="batchid1"``) or ``batchid2``.
+
+        Returns:
+            ``[k]`` int64 codes in the given order (every batch of the model when the name list is None), or None
+            without ``batch_correction``.
+
+        Raises:
+            SelectionError: a name that is not one of the model's batches.
+        """
+        if not options.batch_correction:
+            return None
+        categories = list(self.registry.batch_categories)
+        names = getattr(options, which)
+        if names is None:
+            return np.arange(len(categories), dtype=np.int64)
+        unknown = [n for n in names if n not in categories]
+        if unknown:
+            raise SelectionError(f"{which} {unknown} not among the model's batches {categories[:20]}"
+                                 f"{' ...' if len(categories) > 20 else ''} (several studies: batches are named "
+                                 "'study/value')")
+        return np.array([categories.index(n) for n in names], dtype=np.int64)
+
     @torch.no_grad()
     def sample_group(self, ids: np.ndarray, options: DEOptions, seed: int, *, n_group: int | None = None,
-                     all_ids: np.ndarray | None = None) -> GroupSample:
+                     all_ids: np.ndarray | None = None, transform_batch: np.ndarray | None = None) -> GroupSample:
         """Posterior samples of normalised expression of the cells ``ids`` (read in sorted order).
 
-        The draws come from ``draw_posterior(model, batch, draws_per_cell, sample=True, generator)`` on each
-        streamed batch, with one ``torch.Generator`` seeded with ``seed``.
+        The draws come from ``draw_posterior(model, batch, draws, sample=True, generator)`` on each streamed
+        batch, with one ``torch.Generator`` seeded with ``seed``.
 
         Args:
             ids: the (sampled) cells.
@@ -297,6 +350,10 @@ class DifferentialExpression:
             seed: seed of the torch generator.
             n_group: size of the whole group (recorded); default ``len(ids)``.
             all_ids: compute the raw statistics over these cells instead of ``ids``.
+            transform_batch: ``[k]`` decoder batch codes (batch correction): sample row ``r`` (cell ``r //
+                draws``, draw ``r % draws``) is decoded under ``transform_batch[r % k]``; draws per cell are
+                raised to ``ceil(k / len(ids))`` when needed so that every batch gets a sample. None = each
+                cell's own batch.
 
         Returns:
             The group's samples and raw statistics.
@@ -304,6 +361,10 @@ class DifferentialExpression:
         post, model = self.post, self.post.model
         ids = np.sort(np.asarray(ids, dtype=np.int64))
         draws_n = options.draws_per_cell
+        codes = None
+        if transform_batch is not None:
+            codes = torch.as_tensor(np.asarray(transform_batch, dtype=np.int64), device=post.device)
+            draws_n = max(draws_n, -(-codes.numel() // max(ids.size, 1)))
         gidx, pidx = self._features(options)
         sizes = {"rna": self.registry.n_genes if gidx is None else gidx.size,
                  "protein": self.registry.n_proteins if pidx is None else pidx.size}
@@ -315,7 +376,12 @@ class DifferentialExpression:
         for batch, rows in stream_cells(post.collection, ids, batch_size=post.batch_size, device=post.device,
                                         desc="DE samples", progress=post.progress):
             draws = draw_posterior(model, batch, draws_n, sample=True, generator=gen)
-            out = decode(model, draws, batch.batch)
+            decoder_batch = batch.batch
+            if codes is not None:  # [draws, B]: the decoder batch of sample row rows[c] * draws_n + d
+                rows_t = torch.as_tensor(np.asarray(rows), dtype=torch.int64, device=post.device)
+                sample_rows = rows_t[None, :] * draws_n + torch.arange(draws_n, device=post.device)[:, None]
+                decoder_batch = codes[sample_rows % codes.numel()]
+            out = decode(model, draws, decoder_batch)
             values = {"rna": out.rna_scale, "protein": out.denoised_protein}
             for m in modalities:
                 v = values[m] if index[m] is None else values[m].index_select(-1, index[m])
@@ -327,7 +393,10 @@ class DifferentialExpression:
                                          desc="DE raw stats", progress=post.progress):
                 stats.add(batch)
         flat = {m: e.reshape(ids.size * draws_n, -1) for m, e in expression.items()}
-        return GroupSample(ids, int(ids.size if n_group is None else n_group), flat, stats.result())
+        sample_batch = None
+        if codes is not None:
+            sample_batch = np.asarray(transform_batch, dtype=np.int64)[np.arange(ids.size * draws_n) % codes.numel()]
+        return GroupSample(ids, int(ids.size if n_group is None else n_group), flat, stats.result(), sample_batch)
 
     def frame(self, sample1: GroupSample, sample2: GroupSample, options: DEOptions,
               names: tuple[str, str] = ("group1", "group2"), *,
@@ -338,7 +407,7 @@ class DifferentialExpression:
             sample1, sample2: from ``sample_group``.
             options: the options.
             names: the groups' names (columns ``group1`` / ``group2``).
-            pairs: ``(i, j)`` sample indexes to pair; default ``pair_indices`` with ``seed``-derived randomness.
+            pairs: ``(i, j)`` sample indexes to pair; default ``pair_samples`` with ``seed``-derived randomness.
 
         Returns:
             As ``compare_cells``.
@@ -350,7 +419,7 @@ class DifferentialExpression:
         n1 = next(iter(sample1.expression.values())).shape[0]
         n2 = next(iter(sample2.expression.values())).shape[0]
         if pairs is None:
-            pairs = st.pair_indices(n1, n2, np.random.default_rng(_seed(options.seed, 3)), options.n_pairs)
+            pairs = pair_samples(sample1, sample2, np.random.default_rng(_seed(options.seed, 3)), options.n_pairs)
         i, j = pairs
         parts = []
         for m in MODALITIES[options.modality]:
@@ -377,7 +446,10 @@ class DifferentialExpression:
                          "n_sampled1": int(sample1.cell_ids.size), "n_sampled2": int(sample2.cell_ids.size),
                          "draws_per_cell": options.draws_per_cell, "n_pairs": int(i.size),
                          "rna_pseudocount": options.rna_pseudocount,
-                         "protein_pseudocount": options.protein_pseudocount})
+                         "protein_pseudocount": options.protein_pseudocount,
+                         "batch_correction": options.batch_correction,
+                         "batchid1": _batch_names(self.registry, sample1.batch),
+                         "batchid2": _batch_names(self.registry, sample2.batch)})
         return df
 
     # ------------------------------------------------------------------ internals
@@ -394,6 +466,48 @@ class DifferentialExpression:
         if cells is None or np.asarray(cells).size == 0:
             raise SelectionError(f"{name} has no cells; pass a non-empty array of cell ids")
         return check_cell_ids(cells, self.post.n_obs)
+
+
+def pair_samples(sample1: GroupSample, sample2: GroupSample, rng: np.random.Generator,
+                 n_pairs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of sample rows of two groups (scvi-tools' pairing).
+
+    When both groups were decoded under the same set of batches (batch correction), samples are paired within
+    each batch (in sorted code order, ``n_pairs // k`` pairs per batch, at least one; None = the larger of the
+    two groups' sample counts in that batch), so every fold change compares the groups under one batch.
+    Otherwise (own batches, or two different batch sets) samples are paired across all rows (``pair_indices``);
+    overlapping but different batch sets get a warning (the comparison then mixes batch effects, as in scvi-tools).
+
+    Args:
+        sample1, sample2: from ``sample_group``.
+        rng: random source.
+        n_pairs: pairs to make in all; None = ``pair_indices``' default (per batch).
+
+    Returns:
+        ``(i, j)`` int64 arrays: sample row ``i[k]`` of group 1 is paired with row ``j[k]`` of group 2.
+    """
+    n1 = next(iter(sample1.expression.values())).shape[0]
+    n2 = next(iter(sample2.expression.values())).shape[0]
+    b1, b2 = sample1.batch, sample2.batch
+    if b1 is None or b2 is None or set(b1.tolist()) != set(b2.tolist()):
+        if b1 is not None and b2 is not None and set(b1.tolist()) & set(b2.tolist()):
+            logger.warning("batchid1 and batchid2 are different but overlap: samples are paired across batches, "
+                           "so batch correction is not trustworthy here (give the same batches, or disjoint ones)")
+        return st.pair_indices(n1, n2, rng, n_pairs)
+    batches = np.unique(b1)
+    per_batch = None if n_pairs is None else max(1, int(n_pairs) // batches.size)
+    i_parts, j_parts = [], []
+    for code in batches:
+        rows1, rows2 = np.flatnonzero(b1 == code), np.flatnonzero(b2 == code)
+        i, j = st.pair_indices(rows1.size, rows2.size, rng, per_batch)
+        i_parts.append(rows1[i])
+        j_parts.append(rows2[j])
+    return np.concatenate(i_parts), np.concatenate(j_parts)
+
+
+def _batch_names(registry, batch: np.ndarray | None) -> list[str] | None:
+    """The decoder batches a group's samples used (in code order), or None for each cell's own batch."""
+    return None if batch is None else [registry.batch_categories[int(c)] for c in np.unique(batch)]
 
 
 def _subsample(ids: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -88,7 +88,8 @@ def draw_posterior(
     if not sample and n_samples != 1:
         raise ConfigError(f"posterior means are one value per cell; n_samples={n_samples} needs sample=True")
     model._check_shapes(batch.rna, batch.protein, batch.protein_mask, batch.batch)
-    inf = model.inference(batch.rna, batch.protein, batch.protein_mask, batch.batch, sample=False)
+    inf = model.inference(batch.rna, batch.protein, batch.protein_mask, batch.batch, sample=False,
+                          rna_mask=batch.rna_mask)
     if not sample:
         return PosteriorDraws(inf.qz_mean.unsqueeze(0), inf.log_library.unsqueeze(0), None)
     n_cells = inf.qz_mean.shape[0]
@@ -108,13 +109,15 @@ def decode(model: TotalVAE, draws: PosteriorDraws, batch_codes: torch.Tensor) ->
     Args:
         model: the model, in eval mode.
         draws: from ``draw_posterior``.
-        batch_codes: ``[B]`` batch codes for the decoder (the cells' own, or a counterfactual batch).
+        batch_codes: ``[B]`` batch codes for the decoder (the cells' own, or a counterfactual batch), the same
+            for every draw; or ``[S, B]``, one per draw and cell (differential expression with batch correction
+            spreads a group's draws over several counterfactual batches).
 
     Returns:
         Generative outputs whose ``log_back`` is the drawn (or mean) log beta.
     """
     s, b, k = draws.z.shape
-    codes = batch_codes.repeat(s)
+    codes = batch_codes.reshape(s * b) if batch_codes.dim() == 2 else batch_codes.repeat(s)
     gen = model.generative(draws.z.reshape(s * b, k), draws.log_library.reshape(s * b), codes,
                            sample_background=False)
     if draws.back_noise is not None:

@@ -19,10 +19,13 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from loaders.alignment import index_map
+from loaders.collection import Collection
+from loaders.object_store import refuse_url
 from loaders.plan import split_validation
 from loaders.registry import Registry
 from streamtotal.config import RunConfig
@@ -39,6 +42,15 @@ from streamtotal.training.run_dir import RunDir, TrainedModel, load_trained
 logger = logging.getLogger(__name__)
 
 ALIGNMENT_FILE = "alignment.json"
+ABSENT_GENE_HANDLING = {
+    "mask": "reference genes a query study lacks are zero-filled in storage but flagged unmeasured (CiteBatch."
+            "rna_mask): they are left out of the RNA likelihood (softmax renormalised over the measured genes, "
+            "library = their total), and the encoder reads the model's expected counts given the measured genes "
+            "there instead of zeros",
+    "zero": "reference genes a query study lacks are zero-filled and read as measured zeros by the encoder and the "
+            "RNA likelihood (as scvi-tools' prepare_query_anndata)",
+}
+"""What each ``[data] absent_genes`` mode does, as written into alignment.json."""
 
 
 @dataclass
@@ -63,14 +75,17 @@ class QuerySurgery:
 
 
 def query_config(reference: TrainedModel, stores, *, epochs: int | None = None, batch_key: str | None = None,
-                 min_gene_overlap: float | None = None, train: dict | None = None) -> RunConfig:
+                 min_gene_overlap: float | None = None, train: dict | None = None,
+                 absent_genes: str | None = None) -> RunConfig:
     """The query run's config: the reference's [data] read options on the query stores, its architecture
     (``query_model_config``) and its [train] options with ``epochs`` (None = scvi-tools' rule on the query's
     size) and ``train`` overrides. ``data.labels_key`` stays the reference's (a totalANVI config needs one), but
     the query's labels are not read (``build_query_trainer`` opens it without): queries are usually unlabelled
-    and the label classifier is frozen."""
+    and the label classifier is frozen. ``absent_genes`` (None = the reference's ``[data] absent_genes``): how
+    reference genes the query lacks are read (``DataConfig.absent_genes``)."""
     ref = reference.config
     data = replace(ref.data, stores=tuple(str(s) for s in stores),
+                   absent_genes=ref.data.absent_genes if absent_genes is None else absent_genes,
                    batch_key=batch_key if batch_key is not None else ref.data.batch_key,
                    min_gene_overlap=ref.data.min_gene_overlap if min_gene_overlap is None else min_gene_overlap)
     train_cfg = replace(ref.train, max_epochs=epochs, init_from=None, **(train or {}))
@@ -79,8 +94,10 @@ def query_config(reference: TrainedModel, stores, *, epochs: int | None = None, 
 
 def alignment_report(collection, reference: Registry, captured: list[str]) -> dict:
     """What aligning the query onto the reference did, per study: genes zero-filled / dropped, proteins masked /
-    dropped (and whether the panel came in another order), and the new batches."""
+    dropped (and whether the panel came in another order), and the new batches; ``absent_genes`` records how the
+    reference genes a study lacks are handled (``collection.absent_genes``, see ``ABSENT_GENE_HANDLING``)."""
     genes, proteins = list(reference.gene_names), list(reference.protein_names)
+    mode = getattr(collection, "absent_genes", "zero")
     studies = []
     for source in collection.sources:
         g = np.asarray(source.gene_names).astype(str)
@@ -92,6 +109,7 @@ def alignment_report(collection, reference: Registry, captured: list[str]) -> di
         kept_order = pmap[pmap >= 0]
         studies.append({
             "study": source.name, "n_cells": int(source.n_obs),
+            "genes_missing_handling": mode if missing_genes else "none missing",
             "gene_overlap": float((gmap >= 0).sum()) / max(len(genes), 1),
             "genes_missing_zero_filled": len(missing_genes), "genes_missing_examples": missing_genes[:20],
             "genes_dropped": int((gmap < 0).sum()), "genes_dropped_examples": g[gmap < 0][:20].tolist(),
@@ -102,13 +120,15 @@ def alignment_report(collection, reference: Registry, captured: list[str]) -> di
     registry = collection.registry
     return {"reference_batches": list(reference.batch_categories),
             "new_batches": list(registry.batch_categories[reference.n_batch:]),
+            "absent_genes": {"mode": mode, "handling": ABSENT_GENE_HANDLING[mode]},
             "studies": studies, "warnings": captured}
 
 
 def _log_report(report: dict, out: Path) -> None:
     for s in report["studies"]:
         logger.info(f"streamtotal map: study {s['study']!r} ({s['n_cells']} cells): gene overlap "
-                    f"{s['gene_overlap']:.1%}, {s['genes_missing_zero_filled']} genes zero-filled, "
+                    f"{s['gene_overlap']:.1%}, {s['genes_missing_zero_filled']} genes missing "
+                    f"({report['absent_genes']['mode']}), "
                     f"{s['genes_dropped']} dropped; proteins masked {s['proteins_masked']}, dropped "
                     f"{s['proteins_dropped']}"
                     + (" (panel in another order, aligned by name)" if s["protein_order_differs"] else ""))
@@ -128,12 +148,12 @@ def _check_resume(out: Path, surgery_record: dict) -> None:
 def build_query_trainer(reference_run, stores, out, *, surgery: SurgeryConfig = SurgeryConfig(),
                         epochs: int | None = None, batch_key: str | None = None,
                         min_gene_overlap: float | None = None, train: dict | None = None, resume: bool = False,
-                        verbose: bool = True):
+                        verbose: bool = True, absent_genes: str | None = None, sources: Sequence | None = None):
     """Aligns the query, writes the alignment report, builds and freezes the expanded model, returns the Trainer.
 
     Args:
         reference_run: the reference run directory (totalVI or totalANVI).
-        stores: the query stores (any backend ``open_collection`` reads).
+        stores: the query stores (any backend ``open_collection`` reads); empty with ``sources``.
         out: the query run directory.
         surgery: the recipe.
         epochs: query epochs (None = scvi-tools' rule on the query's size).
@@ -142,24 +162,40 @@ def build_query_trainer(reference_run, stores, out, *, surgery: SurgeryConfig = 
         train: other [train] overrides (e.g. ``{"batch_size": 128, "weight_decay": 0.0}``).
         resume: continue from the newest checkpoint in ``out``.
         verbose: log the alignment summary (rank 0; logger ``streamtotal.surgery.map_query``, INFO).
+        absent_genes: ``"mask"`` or ``"zero"``: how reference genes the query lacks are read (None = the
+            reference's ``[data] absent_genes``; see ``DataConfig.absent_genes``).
+        sources: in-memory query Sources (e.g. the Python API's ``ArraySource`` of an AnnData) instead of stores,
+            aligned onto the reference with the same ``[data]`` options as stores.
 
     Returns:
         ``(trainer, report)``.
 
     Raises:
         RunDirError: no trained reference. AlignmentError: too little gene overlap, no proteins, bad batches.
-        CheckpointError: resuming with another reference or recipe. ConfigError: nothing to train.
+        CheckpointError: resuming with another reference or recipe. ConfigError: nothing to train, or both
+        (or neither of) stores and sources.
     """
     from streamtotal.training.trainer import Trainer
 
+    refuse_url(out, "a query run directory", "map into a local directory, then upload it")
+    if sources is not None and (len(stores or ()) or not len(sources)):
+        raise ConfigError(f"map a query from stores or from in-memory sources, one of them: got {len(stores or ())} "
+                          f"stores and {len(sources)} sources")
     out = Path(out)
     reference = load_trained(reference_run)
-    config = query_config(reference, stores, epochs=epochs, batch_key=batch_key, min_gene_overlap=min_gene_overlap,
-                          train=train)
+    config = query_config(reference, stores or (), epochs=epochs, batch_key=batch_key,
+                          min_gene_overlap=min_gene_overlap, train=train, absent_genes=absent_genes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        collection = open_collection(replace(config.data, labels_key=None), registry=reference.registry,
-                                     allow_new_batches=True)
+        if sources is None:
+            collection = open_collection(replace(config.data, labels_key=None), registry=reference.registry,
+                                         allow_new_batches=True)
+        else:
+            data = config.data
+            collection = Collection(list(sources), registry=reference.registry, allow_new_batches=True,
+                                    batch_key=data.batch_key, labels_key=None,
+                                    unlabeled_category=data.unlabeled_category, gene_join=data.gene_join,
+                                    min_gene_overlap=data.min_gene_overlap, absent_genes=data.absent_genes)
     messages = [str(w.message) for w in caught]
     for w in caught:  # still shown to the user, and kept in the report
         warnings.warn(w.message, w.category, stacklevel=2)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from streamtotal import TOTALVI
+from streamtotal.errors import ConfigError
 
 from .conftest import FAST, TINY
 
@@ -56,5 +57,11 @@ def test_de_by_cells_and_pooled_groups(model):
     np.testing.assert_allclose(by_mask["lfc_mean"].to_numpy(), by_group["lfc_mean"].to_numpy(), rtol=1e-6)
     pooled = model.differential_expression(groupby="true_cell_type", group1=["type_0", "type_1"], silent=True)
     assert set(pooled["comparison"]) == {"type_0,type_1 vs rest"}
-    with pytest.raises(Exception, match="batch_correction=True is not supported"):
-        model.differential_expression(groupby="true_cell_type", batch_correction=True)
+    corrected = model.differential_expression(groupby="true_cell_type", group1="type_0", batch_correction=True,
+                                              batchid1=["batch_1"], batchid2=["batch_1"], silent=True)
+    assert corrected.attrs["batchid1"] == corrected.attrs["batchid2"] == ["batch_1"]
+    plain = model.differential_expression(groupby="true_cell_type", group1="type_0", silent=True)
+    assert plain.attrs["batchid1"] is None
+    assert not np.allclose(corrected["scale1"], plain.loc[corrected.index, "scale1"], rtol=1e-3)
+    with pytest.raises(ConfigError, match="batchid1=\\['batch_1'\\] needs batch_correction=True"):
+        model.differential_expression(groupby="true_cell_type", batchid1=["batch_1"], silent=True)

@@ -44,7 +44,7 @@ def test_anndata_tutorial(adata, tmp_path):
     reference.obsm["protein_foreground_prob"] = foreground
     assert foreground.shape == protein.shape and ((foreground >= 0) & (foreground <= 1)).all().all()
 
-    de = vae.differential_expression(groupby="true_cell_type", delta=0.5)
+    de = vae.differential_expression(groupby="true_cell_type", delta=0.5, batch_correction=True)
     for column in ("proba_de", "proba_not_de", "bayes_factor", "lfc_mean", "lfc_median", "lfc_std", "scale1",
                    "scale2", "raw_mean1", "raw_mean2", "non_zeros_proportion1", "non_zeros_proportion2",
                    "raw_normalized_mean1", "raw_normalized_mean2", "is_de_fdr_0.05", "comparison"):

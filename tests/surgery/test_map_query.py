@@ -289,3 +289,56 @@ def test_query_onto_an_m2_totalanvi_reference_keeps_the_label_prior_frozen(store
     for name, value in prior.items():
         assert torch.equal(value, trainer.model.state_dict()[name]), f"frozen {name} moved"
     assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if n.startswith("label_prior."))
+
+
+@pytest.mark.parametrize("absent_genes", [None, "zero"])
+def test_alignment_report_records_how_the_query_s_absent_genes_are_handled(stores, reference_run, tmp_path,
+                                                                            absent_genes):
+    _, _, query = stores  # lacks the reference's first DROPPED_GENES genes
+    with pytest.warns(UserWarning, match=EXTRA_PROTEIN):
+        trainer, report = build_query_trainer(reference_run, [query], tmp_path / "q", epochs=1, verbose=False,
+                                              absent_genes=absent_genes)
+    mode = absent_genes or "mask"  # the reference's [data] absent_genes, whose default is "mask"
+    saved = json.loads((tmp_path / "q" / "alignment.json").read_text())
+    assert saved == report and saved["absent_genes"]["mode"] == mode
+    assert "likelihood" in saved["absent_genes"]["handling"]
+    assert saved["studies"][0]["genes_missing_handling"] == mode
+    assert trainer.config.data.absent_genes == mode  # so also in the query run's config.toml
+    batch = trainer.collection.read(np.arange(32))
+    if mode == "zero":
+        assert batch.rna_mask is None
+    else:
+        assert not batch.rna_mask[:, :DROPPED_GENES].any() and batch.rna_mask[:, DROPPED_GENES:].all()
+
+
+def test_in_memory_sources_map_as_their_store(stores, reference_run, tmp_path):
+    """``build_query_trainer(sources=...)`` (the Python API's in-memory queries) aligns, reports and expands as
+    the same data in a store does."""
+    from loaders.array_source import ArraySource
+    from loaders.zarr_source import ZarrSource
+    from streamtotal.errors import ConfigError
+
+    _, _, query = stores
+    stored = ZarrSource(query)
+    rows = stored.read(np.arange(stored.n_obs))
+    in_memory = ArraySource(stored.name, rows.rna, rows.protein, stored.gene_names, stored.protein_names,
+                            obs={c: stored.obs_column(c) for c in stored.obs_columns},
+                            protein_panels=stored.protein_panels, protein_panel_codes=stored.protein_panel_codes())
+    with pytest.warns(UserWarning, match=EXTRA_PROTEIN):
+        from_store, store_report = build_query_trainer(reference_run, [query], tmp_path / "s", epochs=1,
+                                                       verbose=False)
+    with pytest.warns(UserWarning, match=EXTRA_PROTEIN):
+        from_memory, report = build_query_trainer(reference_run, [], tmp_path / "m", epochs=1, verbose=False,
+                                                  sources=[in_memory])
+    assert json.loads((tmp_path / "m" / "alignment.json").read_text()) == report
+    assert report["studies"] == store_report["studies"] and report["new_batches"] == ["query_0", "query_1"]
+    assert from_memory.config.data.absent_genes == from_store.config.data.absent_genes
+    ids = np.arange(0, 300, 7)
+    a, b = from_memory.collection.read(ids), from_store.collection.read(ids)
+    for field in ("rna", "protein", "protein_mask", "batch", "rna_mask"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    store_state = from_store.model.state_dict()
+    for name, value in from_memory.model.state_dict().items():
+        assert torch.equal(value, store_state[name]), name  # same priors, new rows and freezing
+    with pytest.raises(ConfigError, match="one of them: got 1 stores and 1 sources"):
+        build_query_trainer(reference_run, [query], tmp_path / "x", epochs=1, verbose=False, sources=[in_memory])
