@@ -169,7 +169,8 @@ class DownstreamMixin:
                                 batchid2: Any = None, fdr_target: float = 0.05, silent: bool = False,
                                 protein_prior_count: float = 0.1, scale_protein: bool = False,
                                 sample_protein_mixing: bool = False, include_protein_background: bool = False,
-                                *, cells_per_group: int = 1000, draws_per_cell: int = 5,
+                                pseudocounts: float | None = 1e-5, *, test_mode: str = "three",
+                                cells_per_group: int = 1000, draws_per_cell: int = 5,
                                 write_to: str | None = None) -> pd.DataFrame:
         """Bayesian ("change" mode) differential expression of genes and proteins (scvi-tools' columns).
 
@@ -191,6 +192,9 @@ class DownstreamMixin:
             fdr_target: posterior expected FDR of the calls (column ``is_de_fdr_<fdr_target>``).
             silent: no progress bars.
             protein_prior_count: pseudocount of the protein fold changes.
+            pseudocounts: pseudocount of the RNA fold changes (on the expression-proportion scale); None = scvi-tools'
+                default 1e-5 (scvi-tools would estimate one from the data; streamtotal keeps it fixed).
+            test_mode: "three" (scvi-tools' default): P(DE) of the more likely direction; "two": of either.
             scale_protein, sample_protein_mixing, include_protein_background: unsupported (the protein quantity
                 is the denoised foreground, as scvi-tools' defaults).
             cells_per_group, draws_per_cell: cells sampled per group and posterior draws per cell (``streamtotal
@@ -211,6 +215,7 @@ class DownstreamMixin:
                     include_protein_background=(include_protein_background, False,
                                                 "DE uses the foreground protein"))
         options = DEOptions(delta=delta, fdr_target=fdr_target, protein_pseudocount=protein_prior_count,
+                            rna_pseudocount=1e-5 if pseudocounts is None else pseudocounts, test_mode=test_mode,
                             cells_per_group=cells_per_group, draws_per_cell=draws_per_cell, seed=self._seed,
                             batch_correction=bool(batch_correction), batchid1=batchid1, batchid2=batchid2)
         self._require_trained()

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group2", help="value of the second group (default: the rest of the cells)")
     p.add_argument("--modality", choices=["rna", "protein", "both"], default="both", help="what to test (default both)")
     p.add_argument("--delta", type=float, default=0.25, help="|log2 fold change| counted as a change (default 0.25)")
+    p.add_argument("--test-mode", choices=("three", "two"), default="three",
+                   help="P(DE): 'three' = of the more likely direction (scvi-tools' default), 'two' = of either")
     p.add_argument("--fdr", type=float, default=0.05, help="target posterior expected FDR of the calls (default 0.05)")
     p.add_argument("--cells-per-group", type=int, default=1000, help="cells sampled per group (default 1000)")
     p.add_argument("--draws-per-cell", type=int, default=5, help="posterior draws per sampled cell (default 5)")
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.group2 is not None and args.group1 is None:
         raise ConfigError("--group2 needs --group1 (group1 vs group2)")
-    options = DEOptions(modality=args.modality, delta=args.delta, fdr_target=args.fdr,
+    options = DEOptions(modality=args.modality, delta=args.delta, fdr_target=args.fdr, test_mode=args.test_mode,
                         cells_per_group=args.cells_per_group, draws_per_cell=args.draws_per_cell,
                         stats_all_cells=args.stats_all_cells, seed=args.seed,
                         batch_correction=args.batch_correction, batchid1=args.batchid1, batchid2=args.batchid2)

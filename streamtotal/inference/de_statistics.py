@@ -60,21 +60,42 @@ def bayes_factor(proba_de: np.ndarray) -> np.ndarray:
     return np.log(p + BAYES_EPS) - np.log(1.0 - p + BAYES_EPS)
 
 
-def change_statistics(lfc: np.ndarray, delta: float) -> dict[str, np.ndarray]:
-    """Per-feature summary of LFC samples ``[n_pairs, F]``.
+TEST_MODES = ("three", "two")
+
+
+def change_statistics(lfc: np.ndarray, delta: float, *, test_mode: str = "three",
+                      summary_lfc: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-feature summary of LFC samples ``[n_pairs, F]``, as scvi-tools' change mode computes it.
+
+    Args:
+        lfc: LFC samples with the comparison's pseudocount (what P(DE) is read from).
+        delta: the change threshold.
+        test_mode: "three" (scvi-tools' default): P(DE) = max(P(LFC >= delta), P(LFC <= -delta)), the probability
+            of the more likely direction; "two": P(LFC >= delta) + P(LFC <= -delta) (= P(|LFC| >= delta)).
+        summary_lfc: the samples ``lfc_mean`` / ``lfc_median`` / ``lfc_std`` describe; scvi-tools computes them
+            with a 1000x smaller pseudocount, so that the pseudocount does not shrink the reported fold change.
+            None = ``lfc``.
 
     Returns:
-        ``proba_de`` (P(|LFC| > delta)), ``proba_not_de``, ``bayes_factor``, ``lfc_mean``, ``lfc_median``,
-        ``lfc_std``, each ``[F]`` float64.
+        ``proba_de``, ``proba_not_de``, ``bayes_factor``, ``lfc_mean``, ``lfc_median``, ``lfc_std``, each ``[F]``
+        float64.
+
+    Raises:
+        ConfigError: a negative delta or an unknown test mode.
     """
     if not delta >= 0:
         raise ConfigError(f"delta must be >= 0; got {delta!r}")
+    if test_mode not in TEST_MODES:
+        raise ConfigError(f"test_mode must be one of {list(TEST_MODES)}; got {test_mode!r}")
     lfc = np.asarray(lfc)
-    p = (np.abs(lfc) > delta).mean(axis=0, dtype=np.float64)
+    up = (lfc >= delta).mean(axis=0, dtype=np.float64)
+    down = (lfc <= -delta).mean(axis=0, dtype=np.float64)
+    p = np.maximum(up, down) if test_mode == "three" else up + down
+    s = lfc if summary_lfc is None else np.asarray(summary_lfc)
     return {
         "proba_de": p, "proba_not_de": 1.0 - p, "bayes_factor": bayes_factor(p),
-        "lfc_mean": lfc.mean(axis=0, dtype=np.float64), "lfc_median": np.median(lfc, axis=0).astype(np.float64),
-        "lfc_std": lfc.std(axis=0, dtype=np.float64),
+        "lfc_mean": s.mean(axis=0, dtype=np.float64), "lfc_median": np.median(s, axis=0).astype(np.float64),
+        "lfc_std": s.std(axis=0, dtype=np.float64),
     }
 
 

@@ -14,7 +14,9 @@ Choices (scvi-tools' TOTALVI.differential_expression defaults, written from its 
 * Protein quantity: the denoised foreground (1 - pi) * beta * alpha (no background, pi not sampled, not scaled),
   with z and log beta drawn from the posterior; pseudocount 0.1 (on the count scale; scvi-tools'
   ``protein_prior_count``). Proteins a study did not measure are the model's imputation there.
-* ``delta`` = 0.25 (|LFC| above it counts as a change); P(DE) = P(|LFC| > delta) (two-sided).
+* ``delta`` = 0.25; P(DE) = max(P(LFC >= delta), P(LFC <= -delta)) (scvi-tools' default ``test_mode="three"``;
+  "two" sums the two). ``lfc_mean`` / ``lfc_median`` / ``lfc_std`` are computed with a 1000x smaller
+  pseudocount, as scvi-tools does, so the pseudocount does not shrink the reported fold changes.
 * FDR calls over all features of the comparison (RNA and proteins together), at the posterior expected FDR.
 * ``batch_correction`` (scvi-tools' meaning): each group's samples are decoded under the batches ``batchid1`` /
   ``batchid2`` (default every batch of the model) instead of each cell's own, an equal share of the group's samples
@@ -54,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 MODALITIES = {"rna": ("rna",), "protein": ("protein",), "both": ("rna", "protein")}
 _LFC_BLOCK = 256  # features per block of paired LFCs (memory: n_pairs * block floats)
+_SUMMARY_PSEUDOCOUNT_FACTOR = 1e-3  # scvi-tools describes the LFC distribution with a 1000x smaller pseudocount
 _PER_10K = 1e4
 
 
@@ -65,6 +68,9 @@ class DEOptions:
     """"rna", "protein" or "both"."""
     delta: float = 0.25
     """|LFC| (log2) above which a feature counts as changed (scvi-tools' totalVI default)."""
+    test_mode: str = "three"
+    """How P(DE) is read from the LFC samples: "three" = the more likely direction, max(P(LFC >= delta),
+    P(LFC <= -delta)) (scvi-tools' default); "two" = their sum, P(|LFC| >= delta)."""
     fdr_target: float = 0.05
     """Posterior expected FDR of the called set (``is_de_fdr``)."""
     cells_per_group: int = 1000
@@ -110,6 +116,8 @@ class DEOptions:
             raise ConfigError(f"n_pairs must be >= 1 or None; got {self.n_pairs!r}")
         if not self.delta >= 0:
             raise ConfigError(f"delta must be >= 0; got {self.delta!r}")
+        if self.test_mode not in st.TEST_MODES:
+            raise ConfigError(f"test_mode must be one of {list(st.TEST_MODES)}; got {self.test_mode!r}")
         if not 0 < self.fdr_target < 1:
             raise ConfigError(f"fdr_target must be in (0, 1); got {self.fdr_target!r}")
         if not (self.rna_pseudocount > 0 and self.protein_pseudocount > 0):
@@ -428,7 +436,9 @@ class DifferentialExpression:
             for start in range(0, e1.shape[1], _LFC_BLOCK):
                 cols = slice(start, start + _LFC_BLOCK)
                 lfc = st.lfc_samples(e1[:, cols], e2[:, cols], i, j, pseudo[m])
-                blocks.append(pd.DataFrame(st.change_statistics(lfc, options.delta)))
+                summary = st.lfc_samples(e1[:, cols], e2[:, cols], i, j, pseudo[m] * _SUMMARY_PSEUDOCOUNT_FACTOR)
+                blocks.append(pd.DataFrame(st.change_statistics(lfc, options.delta, test_mode=options.test_mode,
+                                                                summary_lfc=summary)))
             part = pd.concat(blocks, ignore_index=True)
             part.index = pd.Index(feature_names[m], name="feature")
             part.insert(0, "modality", m)
@@ -445,7 +455,7 @@ class DifferentialExpression:
                          "n_group1": sample1.n_group, "n_group2": sample2.n_group,
                          "n_sampled1": int(sample1.cell_ids.size), "n_sampled2": int(sample2.cell_ids.size),
                          "draws_per_cell": options.draws_per_cell, "n_pairs": int(i.size),
-                         "rna_pseudocount": options.rna_pseudocount,
+                         "test_mode": options.test_mode, "rna_pseudocount": options.rna_pseudocount,
                          "protein_pseudocount": options.protein_pseudocount,
                          "batch_correction": options.batch_correction,
                          "batchid1": _batch_names(self.registry, sample1.batch),

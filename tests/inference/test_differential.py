@@ -45,8 +45,19 @@ def test_bayes_factor_and_change_statistics_formulas():
     ends = st.bayes_factor(p)[[0, -1]]
     np.testing.assert_allclose(ends, [np.log(1e-8), -np.log(1e-8)], rtol=1e-6)
     lfc = np.array([[0.1, -1.0], [0.3, -0.2], [-0.5, 2.0], [0.0, 0.26]], dtype=np.float32)
+    # "three" (scvi-tools' default) reads the more likely direction, "two" sums both directions.
     stats = st.change_statistics(lfc, 0.25)
-    np.testing.assert_allclose(stats["proba_de"], [0.5, 0.75])
+    up, down = (lfc >= 0.25).mean(0), (lfc <= -0.25).mean(0)
+    np.testing.assert_allclose(stats["proba_de"], np.maximum(up, down))
+    np.testing.assert_allclose(stats["proba_de"], [0.25, 0.5])
+    two = st.change_statistics(lfc, 0.25, test_mode="two")
+    np.testing.assert_allclose(two["proba_de"], [0.5, 0.75])
+    summary = lfc * 1.5
+    described = st.change_statistics(lfc, 0.25, summary_lfc=summary)
+    np.testing.assert_allclose(described["lfc_mean"], summary.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(described["proba_de"], stats["proba_de"])
+    with pytest.raises(ConfigError, match="test_mode"):
+        st.change_statistics(lfc, 0.25, test_mode="one")
     np.testing.assert_allclose(stats["lfc_median"], np.median(lfc, 0), rtol=1e-6)
     np.testing.assert_allclose(stats["lfc_std"], lfc.std(0), rtol=1e-5)
 
@@ -142,10 +153,12 @@ def test_lfc_samples_are_log2_ratios_of_directly_drawn_expression(de):
     for m, e1, e2, pc, names in (("rna", rna1, rna2, 1e-5, ["GENE00002", "GENE00005"]),
                                  ("protein", prot1, prot2, 0.1, list(post.registry.protein_names))):
         lfc = np.log2(e1[i] + pc) - np.log2(e2[j] + pc)
+        described = np.log2(e1[i] + 1e-3 * pc) - np.log2(e2[j] + 1e-3 * pc)  # scvi-tools' reduced pseudocount
         got = df[df.modality == m].loc[names]
-        np.testing.assert_allclose(got["proba_de"], (np.abs(lfc) > 0.25).mean(0), atol=1.5 / i.size)
-        np.testing.assert_allclose(got["lfc_mean"], lfc.mean(0), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(got["lfc_median"], np.median(lfc, 0), rtol=1e-4, atol=1e-4)
+        three = np.maximum((lfc >= 0.25).mean(0), (lfc <= -0.25).mean(0))
+        np.testing.assert_allclose(got["proba_de"], three, atol=1.5 / i.size)
+        np.testing.assert_allclose(got["lfc_mean"], described.mean(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got["lfc_median"], np.median(described, 0), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(got["norm_mean1"], e1.mean(0), rtol=1e-5)
     # Raw statistics of the sampled cells, directly.
     counts = post.collection.read(ids1).rna.numpy()[:, [2, 5]]
