@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from streamtotal.simulate import CiteSimulator, SimulationConfig
 from streamtotal.simulate_writer import write_simulation  # noqa: F401 (also imported from here by tests)

@@ -424,8 +424,6 @@ class DifferentialExpression:
         feature_names = {"rna": _names(self.registry.gene_names, gidx),
                          "protein": _names(self.registry.protein_names, pidx)}
         pseudo = {"rna": options.rna_pseudocount, "protein": options.protein_pseudocount}
-        n1 = next(iter(sample1.expression.values())).shape[0]
-        n2 = next(iter(sample2.expression.values())).shape[0]
         if pairs is None:
             pairs = pair_samples(sample1, sample2, np.random.default_rng(_seed(options.seed, 3)), options.n_pairs)
         i, j = pairs

@@ -27,7 +27,6 @@ right after its K-th unit of this process was written and recorded, as a job kil
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -41,14 +40,13 @@ from loaders.obsm_writer import ObsmWriter
 from loaders.publish_journal import publish_group, recover
 from loaders.store_layout import StoreLayoutConfig
 from streamtotal.errors import ConfigError
+from streamtotal.failure_injection import (FAIL_AFTER_CHUNKS_ENV, FAIL_AFTER_RENAMES_ENV, InjectedFailure,
+                                           fail_after_units, rename_failure_hook)
 from streamtotal.inference import write_ledger
 
-FAIL_ENV = "STREAMTOTAL_FAIL_AFTER_CHUNKS"
-FAIL_RENAMES_ENV = "STREAMTOTAL_FAIL_AFTER_RENAMES"
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by ``STREAMTOTAL_FAIL_AFTER_CHUNKS`` and ``STREAMTOTAL_FAIL_AFTER_RENAMES`` (tests of interruptions)."""
+# The hooks live in streamtotal/failure_injection.py; these names stay importable from here for the tests.
+FAIL_ENV = FAIL_AFTER_CHUNKS_ENV
+FAIL_RENAMES_ENV = FAIL_AFTER_RENAMES_ENV
 
 
 @dataclass(frozen=True)
@@ -140,7 +138,7 @@ class WriteBack:
         for t in obsm:
             if t.attrs:
                 write_ledger.update_attrs(self._obsm[t.key].tmp_path, t.attrs)
-        self._fail_after = int(os.environ[FAIL_ENV]) if os.environ.get(FAIL_ENV) else None
+        self._fail_after = fail_after_units()
 
     def _writers(self) -> list:
         return list(self._obsm.values()) + ([self._obs] if self._obs else [])
@@ -210,24 +208,9 @@ class WriteBack:
         # The ledgers are dropped inside the publication (not before it), so a job killed before the journal is
         # written still resumes with every unit done.
         publish_group(self.store, renames, obs_columns=self._obs.names if self._obs else (),
-                      drop_attrs=(write_ledger.LEDGER_KEY,), after_rename=_rename_failure_hook())
+                      drop_attrs=(write_ledger.LEDGER_KEY,), after_rename=rename_failure_hook())
 
     def discard(self) -> None:
         """Deletes the temporary elements and their ledgers (the store's published results are untouched)."""
         for writer in self._writers():
             writer.abort()
-
-
-def _rename_failure_hook():
-    """The ``STREAMTOTAL_FAIL_AFTER_RENAMES`` hook for ``publish_group``, or None when it is not set."""
-    value = os.environ.get(FAIL_RENAMES_ENV)
-    if not value:
-        return None
-    fail_after = int(value)
-
-    def hook(renames_done: int) -> None:
-        if renames_done == fail_after:
-            raise InjectedFailure(f"injected failure after {renames_done} renames of a publication "
-                                  f"({FAIL_RENAMES_ENV})")
-
-    return hook

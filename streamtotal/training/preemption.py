@@ -8,7 +8,6 @@ with an all-reduce before acting (see ``Trainer``).
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 
@@ -50,13 +49,3 @@ class Preempted(SystemExit):
     def __init__(self, signum: int, step: int) -> None:
         super().__init__(128 + signum)
         self.signum, self.step = signum, step
-
-
-def injected_failure_step() -> int | None:
-    """Fault injection for restart tests: ``STREAMTOTAL_FAIL_AT_STEP=N`` makes the first attempt of a torchrun job
-    (``TORCHELASTIC_RESTART_COUNT`` 0 or unset) crash after step N, as a node failure would; later attempts
-    run normally. Unset in normal use."""
-    value = os.environ.get("STREAMTOTAL_FAIL_AT_STEP")
-    if not value or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        return None
-    return int(value)

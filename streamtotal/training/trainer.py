@@ -36,7 +36,8 @@ from streamtotal.training.distributed import DistContext
 from streamtotal.training.init_from import initialise_from
 from streamtotal.training.metrics_log import MetricsLog
 from streamtotal.training.precision import autocast, compile_model, resolve_precision
-from streamtotal.training.preemption import Preempted, PreemptionFlag, injected_failure_step
+from streamtotal.failure_injection import InjectedFailure, fail_at_step
+from streamtotal.training.preemption import Preempted, PreemptionFlag
 from streamtotal.training.priors import estimate_priors
 from streamtotal.training.run_dir import RunDir
 from streamtotal.training.validation import ValidationBatches, evaluate_elbo
@@ -354,7 +355,7 @@ class Trainer:
         start_step, start_time, cells = self.step, time.perf_counter(), 0
         logger.info("likelihoods and layers computed by %s", native.describe())
         preemption = PreemptionFlag().install()
-        fail_at = injected_failure_step()
+        fail_at = fail_at_step()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train",
                    disable=not (tc.progress and self.dist.is_main), dynamic_ncols=True)
         self.model.train()
@@ -392,7 +393,7 @@ class Trainer:
                         self.checkpoints.wait()
                         return self._summary(start_step, start_time, cells)
                     if fail_at is not None and self.step == fail_at:
-                        raise RuntimeError(f"injected failure after step {fail_at} (STREAMTOTAL_FAIL_AT_STEP)")
+                        raise InjectedFailure(f"injected failure after step {fail_at} (STREAMTOTAL_FAIL_AT_STEP)")
                     if self._stop_requested(preemption):
                         self._checkpoint(wait=True)
                         if self.dist.is_main:

@@ -37,6 +37,12 @@ def run_config():
 
 
 @pytest.fixture(scope="session")
+def small_sim():
+    """The simulator behind ``small_store`` (its true cell types and parameters)."""
+    return CiteSimulator(SMALL)
+
+
+@pytest.fixture(scope="session")
 def small_store(tmp_path_factory):
     """A real Zarr store of a small two-batch simulation (read-only: tests copy it before changing it)."""
     path = tmp_path_factory.mktemp("stores") / "small.zarr"
