@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", help="training run directory")
     p.add_argument("store", help="Zarr store (aligned onto the model's genes and proteins by name)")
-    p.add_argument("--what", choices=sorted(WHAT), default="all", help="what to compute (default all)")
+    p.add_argument("--what", nargs="+", choices=sorted(WHAT), default=["all"], metavar="WHAT",
+                   help="what to compute, one or several of rna, protein, foreground, all (default all)")
     p.add_argument("--library-size", type=_library_size, default=1.0,
                    help="RNA rows sum to this (e.g. 1e4), or 'latent' for each cell's own library (default 1)")
     p.add_argument("--transform-batch", nargs="+", metavar="B",
@@ -39,9 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--genes", nargs="+", help="only these genes (default all)")
     p.add_argument("--proteins", nargs="+", help="only these proteins (default all)")
     p.add_argument("--n-samples", type=int, default=1,
-                   help="posterior draws averaged (default 1: the plug-in estimate at the posterior means); with 2 "
-                   "or more, the denoised protein's standard deviation over the draws (its uncertainty, also for "
-                   "proteins a study did not measure) is written alongside, to obsm/denoised_protein_std")
+                   help="posterior draws averaged (default 1: the plug-in estimate at the posterior means)")
+    p.add_argument("--protein-std", action="store_true",
+                   help="with --what protein or all: also write the denoised protein's standard deviation over the "
+                   "--n-samples (>= 2) posterior draws, its uncertainty (also for proteins a study did not "
+                   "measure), to obsm/denoised_protein_std")
     p.add_argument("--include-protein-background", action="store_true", help="add the background part pi*beta")
     p.add_argument("--sample-protein-mixing", action="store_true", help="draw Bernoulli(pi) instead of using pi")
     p.add_argument("--scale-protein", action="store_true", help="scale each cell's protein vector to sum 1")
@@ -66,7 +69,9 @@ def run(args: argparse.Namespace) -> None:
     )
     post = StorePosterior(args.run_dir, args.store, batch_size=args.batch_size, device=args.device,
                           progress=not args.no_progress)
-    what = WHAT[args.what] + (["protein_std"] if "protein" in WHAT[args.what] and args.n_samples > 1 else [])
+    chosen = [part for name in args.what for part in WHAT[name]]
+    chosen = [part for i, part in enumerate(chosen) if part not in chosen[:i]]  # each once, in the order asked
+    what = chosen + (["protein_std"] if args.protein_std and "protein" in chosen else [])
     result = post.compute(what, None, options, write_back=not args.no_write_back,
                           keep=bool(args.out_h5ad))
     message = f"denoised {result.n_cells} cells"
