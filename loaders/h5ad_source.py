@@ -12,30 +12,23 @@ import os
 import h5py
 import numpy as np
 
-from loaders.anndata_layout import (
-    dataframe_index,
-    find_obs_column,
-    obs_column_names,
-    obs_values,
-    resolve_layout,
-)
-from loaders.count_validation import validate_rows
+from loaders.anndata_layout import resolve_layout
 from loaders.errors import StoreFormatError
 from loaders.h5_matrix_reader import H5MatrixReader
-from loaders.ids import check_ids
 from loaders.row_runs import coalesce_runs
-from loaders.protein_panels import checked_panel_codes
 from loaders.reopen_lock import reopen_lock
-from loaders.source import PicklesByInitArgs, SourceRows
+from loaders.source import SourceRows
 from loaders.store_layout import PROTEIN_OBSM_KEY
-from loaders.zarr_source import study_name_from_path
+from loaders.study_source import AnnDataLayoutSource
 
 CHUNK_CACHE_BYTES = 64 << 20
 """Per-dataset HDF5 chunk cache: neighbouring cover ranges often share a compressed chunk."""
 
 
-class H5adSource(PicklesByInitArgs):
+class H5adSource(AnnDataLayoutSource):
     """A Source over an h5ad file (CSR or dense X, proteins in ``obsm``) or an h5mu file."""
+
+    _given_codes: np.ndarray | None = None  # the constructor's protein_panel_codes, checked
 
     def __init__(
         self,
@@ -48,6 +41,8 @@ class H5adSource(PicklesByInitArgs):
         protein_modality: str = "prot",
         protein_names=None,
         validate: bool = True,
+        protein_panels=None,
+        protein_panel_codes=None,
     ) -> None:
         """Args:
             path: ``.h5ad`` or ``.h5mu`` file.
@@ -57,31 +52,62 @@ class H5adSource(PicklesByInitArgs):
             rna_modality, protein_modality: h5mu: modality names.
             protein_names: names of the protein columns where the file does not record them.
             validate: check every read for NaN, infinite and negative counts.
+            protein_panels: ``[n_panels, n_proteins] bool`` measured proteins, instead of the panels the file
+                records (as ``ArraySource``'s; e.g. detected by the caller from the whole protein matrix).
+            protein_panel_codes: ``[n_obs]`` panel index per cell (with ``protein_panels``); may be omitted with
+                a single panel.
 
         Raises:
             StoreFormatError: the file is missing or not HDF5, or lacks a protein matrix (the message
-                lists what exists); its RNA CSR indptr is corrupt.
+                lists what exists); its RNA CSR indptr is corrupt; ``protein_panels`` /
+                ``protein_panel_codes`` do not fit the file's proteins and cells.
         """
         self._init_args = dict(
             path=os.fspath(path), name=name, protein_key=protein_key, rna_layer=rna_layer,
             rna_modality=rna_modality, protein_modality=protein_modality, protein_names=protein_names,
-            validate=validate,
+            validate=validate, protein_panels=protein_panels, protein_panel_codes=protein_panel_codes,
         )
-        self.path = os.fspath(path)
-        self.name = name or study_name_from_path(self.path)
-        self._where = f"study {self.name!r} ({self.path})"
-        self._validate = validate
+        self._identify(path, name, validate)
         self._pid = -1
         self._open()
-        layout = self._layout
-        self.n_obs = layout.n_obs
-        self.gene_names = layout.gene_names
-        self.protein_names = layout.protein_names
-        self.obs_columns = obs_column_names(layout)
-        self.protein_panels = layout.protein_panels
-        self._obs_cache: dict[str, np.ndarray] = {}
-        self._obs_names: np.ndarray | None = None
-        self._panel_codes: np.ndarray | None = None
+        self._adopt_layout(self._layout)
+        if protein_panels is not None or protein_panel_codes is not None:
+            self.protein_panels, self._given_codes = self._given_panels(protein_panels, protein_panel_codes)
+
+    def _given_panels(self, panels, codes) -> tuple[np.ndarray, np.ndarray]:
+        """Checks the constructor's ``protein_panels`` / ``protein_panel_codes`` against the file's shape.
+
+        Returns:
+            ``([n_panels, n_proteins] bool, [n_obs] int64)``.
+
+        Raises:
+            StoreFormatError: codes without panels, panels of the wrong shape, several panels without codes,
+                or codes of the wrong shape, type or range.
+        """
+        n_prot = len(self.protein_names)
+        if panels is None:
+            raise StoreFormatError(f"{self._where}: protein_panel_codes given without protein_panels")
+        panels = np.asarray(panels, dtype=bool)
+        if panels.ndim != 2 or panels.shape[0] == 0 or panels.shape[1] != n_prot:
+            raise StoreFormatError(f"{self._where}: protein_panels must be [n_panels >= 1, n_proteins={n_prot}] "
+                                   f"bool; got shape {panels.shape}")
+        if codes is None:
+            if panels.shape[0] != 1:
+                raise StoreFormatError(f"{self._where}: {panels.shape[0]} protein panels need protein_panel_codes "
+                                       "(one per cell)")
+            return panels, np.zeros(self.n_obs, dtype=np.int64)
+        codes = np.asarray(codes)
+        if codes.shape != (self.n_obs,) or not np.issubdtype(codes.dtype, np.integer):
+            raise StoreFormatError(f"{self._where}: protein_panel_codes must be [n_obs={self.n_obs}] int; got "
+                                   f"{codes.dtype} {codes.shape}")
+        if codes.size and (codes.min() < 0 or codes.max() >= panels.shape[0]):
+            raise StoreFormatError(f"{self._where}: protein_panel_codes must lie in [0, {panels.shape[0]}); got "
+                                   f"{codes.min()}..{codes.max()}")
+        return panels, codes.astype(np.int64)
+
+    def _stored_panel_codes(self) -> np.ndarray | None:
+        # Codes given to the constructor replace the file's (its panels were replaced with them).
+        return self._given_codes if self._given_codes is not None else super()._stored_panel_codes()
 
     def _open(self) -> None:
         # HDF5 handles must not cross a fork: a worker process re-opens the file on first use.
@@ -111,79 +137,15 @@ class H5adSource(PicklesByInitArgs):
             if self._pid != os.getpid():
                 self._open()
 
-    @property
-    def location(self) -> str:
-        """The path (or URL) the study was opened from (``Source.location``)."""
-        return self.path
-
-    def __repr__(self) -> str:
-        return (
-            f"H5adSource({self.path!r}, name={self.name!r}, n_obs={self.n_obs}, "
-            f"genes={len(self.gene_names)}, proteins={len(self.protein_names)})"
-        )
-
     def close(self) -> None:
         """Closes the file handle (reads re-open it)."""
         if self._pid == os.getpid():
             self._file.close()
         self._pid = -1
 
-    def obs_column(self, key: str) -> np.ndarray:
-        """Returns obs column ``key`` for every cell (strings as object arrays, missing as ``""``).
-
-        Raises:
-            StoreFormatError: no such column (the message lists the columns).
-        """
-        if key not in self._obs_cache:
-            self._ensure_open()
-            self._obs_cache[key] = obs_values(find_obs_column(self._layout, key, self._where))
-        return self._obs_cache[key]
-
-    def obs_names(self) -> np.ndarray:
-        """Returns the ``[n_obs]`` cell names."""
-        if self._obs_names is None:
-            self._ensure_open()
-            self._obs_names = dataframe_index(self._layout.obs_groups[0])
-        return self._obs_names
-
-    def protein_panel_codes(self) -> np.ndarray:
-        """Returns ``[n_obs] int`` panel index of each cell.
-
-        Raises:
-            StoreFormatError: stored codes fall outside the stored panels.
-        """
-        if self._panel_codes is None:
-            self._ensure_open()
-            node = self._layout.panel_code_node
-            codes = (np.zeros(self.n_obs, np.int64) if node is None
-                     else checked_panel_codes(node[...], len(self.protein_panels), self._where))
-            self._panel_codes = codes
-        return self._panel_codes
-
-    def read(self, ids: np.ndarray) -> SourceRows:
-        """Reads RNA and protein rows of sorted unique ``ids``.
-
-        Raises:
-            InvalidIdsError: ids not sorted, unique and in range.
-            InvalidCountsError: NaN, infinite or negative counts (names study, cell, column).
-            StoreFormatError: a corrupt chunk, or a column index read outside the genes (naming file, dataset, row).
-        """
-        ids = check_ids(ids, self.n_obs, f"study {self.name!r}")
-        if ids.size == 0:
-            return SourceRows.empty(len(self.gene_names), len(self.protein_names))
+    def _read_rows(self, ids: np.ndarray) -> SourceRows:
+        """RNA and protein rows of checked ``ids`` (``StudySource.read``): serial HDF5 reads of covering runs."""
         self._ensure_open()
         starts, stops = coalesce_runs(ids, self._max_gap)
-        rna = self._rna.read_csr(ids, starts, stops)
-        protein = self._protein.read_dense(ids, starts, stops)
-        rows = SourceRows(rna=rna, protein=protein)
-        if self._validate:
-            validate_rows(rows, study=self.name, gene_names=self.gene_names, protein_names=self.protein_names,
-                          row_ids=ids, cell_names=self._cell_name, source_path=self.path)
-        return rows
-
-    def _cell_name(self, index: int) -> str:
-        group = self._layout.obs_groups[0]
-        key = group.attrs.get("_index", "_index")
-        key = key.decode() if isinstance(key, bytes) else key
-        value = group[key][index]
-        return value.decode() if isinstance(value, bytes) else str(value)
+        return SourceRows(rna=self._rna.read_csr(ids, starts, stops),
+                          protein=self._protein.read_dense(ids, starts, stops))

@@ -23,9 +23,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 import tiledbsoma
 
-from loaders.count_validation import validate_rows
 from loaders.errors import StoreFormatError
-from loaders.ids import check_ids
 from loaders.soma_obs import arrow_column_values
 from loaders.soma_layout import (
     DEFAULT_PROTEIN_MEASUREMENT,
@@ -37,10 +35,10 @@ from loaders.soma_layout import (
     VAR_ID_COLUMN,
     SomaMetadata,
 )
-from loaders.protein_panels import checked_panel_codes
 from loaders.reopen_lock import reopen_lock
-from loaders.source import PicklesByInitArgs, SourceRows
+from loaders.source import SourceRows
 from loaders.store_layout import PANEL_OBS_COLUMN
+from loaders.study_source import StudySource
 
 JOINID = "soma_joinid"
 
@@ -75,14 +73,23 @@ _INHERITED_ACROSS_FORK: list = []
 the child (see ``SomaSource._ensure_open``); a child holds one entry per Source it re-opened."""
 
 
-def read_context(context) -> tiledbsoma.SOMATileDBContext:
-    """The context reads use: ``context`` (None, a TileDB config dict or a context) over ``READ_CONFIG_DEFAULTS``."""
+S3_READ_CONFIG_DEFAULTS = {"sm.io_concurrency_level": "32", "vfs.s3.max_parallel_ops": "32"}
+"""TileDB settings for Experiments on S3, unless the caller's context sets them. TileDB sizes its I/O thread pool and
+its parallel S3 operations to the cores (2 on a small VM), so a read of tiles scattered over a store waited one
+round trip (10-50 ms on S3) per pair of tiles; I/O threads mostly wait on the network, so many cost little CPU.
+The memory bound of a read is unchanged: it is TileDB's read buffers (``sm.mem.total_budget``), not the threads."""
+
+
+def read_context(context, uri: str = "") -> tiledbsoma.SOMATileDBContext:
+    """The context reads use: ``context`` (None, a TileDB config dict or a context) over ``READ_CONFIG_DEFAULTS``
+    (and ``S3_READ_CONFIG_DEFAULTS`` where ``uri`` is on S3)."""
     given = soma_context(context)  # validates the type
     config = dict(given.tiledb_config) if given is not None else {}
-    return tiledbsoma.SOMATileDBContext(tiledb_config={**READ_CONFIG_DEFAULTS, **config})
+    defaults = {**READ_CONFIG_DEFAULTS, **(S3_READ_CONFIG_DEFAULTS if str(uri).startswith("s3://") else {})}
+    return tiledbsoma.SOMATileDBContext(tiledb_config={**defaults, **config})
 
 
-class SomaSource(PicklesByInitArgs):
+class SomaSource(StudySource):
     """A Source over a TileDB-SOMA Experiment with an RNA and a protein measurement."""
 
     def __init__(
@@ -132,7 +139,7 @@ class SomaSource(PicklesByInitArgs):
         self.value_filter = value_filter
         self._where = f"study {self.name!r} ({uri}" + (f", value_filter {value_filter!r})" if value_filter else ")")
         self._validate = validate
-        self._context = read_context(context)
+        self._context = read_context(context, self.uri)
         self._pid = -1
         self._open()
         try:
@@ -202,7 +209,7 @@ class SomaSource(PicklesByInitArgs):
             _INHERITED_ACROSS_FORK.append(
                 (self._context, getattr(self, "_exp", None), getattr(self, "_rna_ms", None),
                  getattr(self, "_prot_ms", None), getattr(self, "_rna_x", None), getattr(self, "_prot_x", None)))
-            self._context = read_context(self._init_args["context"])
+            self._context = read_context(self._init_args["context"], self.uri)
             self._open()
 
     def _load_axes(self) -> None:
@@ -303,6 +310,11 @@ class SomaSource(PicklesByInitArgs):
 
     # ---------------------------------------------------------------- pickling, repr, close
 
+    @property
+    def location(self) -> str:
+        """The Experiment's URI (``Source.location``)."""
+        return str(self.uri)
+
     def __repr__(self) -> str:
         return (
             f"SomaSource({self.uri!r}, name={self.name!r}, n_obs={self.n_obs}, genes={len(self.gene_names)}, "
@@ -358,44 +370,22 @@ class SomaSource(PicklesByInitArgs):
                 self._obs_names = np.asarray([str(j) for j in self._joinids], dtype=object)
         return self._obs_names
 
-    def protein_panel_codes(self) -> np.ndarray:
-        """Returns ``[n_obs] int`` panel index of each cell.
-
-        Raises:
-            StoreFormatError: stored codes fall outside the stored panels.
-        """
-        if self._panel_codes is None:
-            if not self._panels_stored:
-                codes = np.zeros(self.n_obs, dtype=np.int64)
-            else:
-                codes = checked_panel_codes(self._obs_table_column(PANEL_OBS_COLUMN), len(self.protein_panels), self._where)
-            self._panel_codes = codes
-        return self._panel_codes
+    def _stored_panel_codes(self) -> np.ndarray | None:
+        """obs's panel code column (``StudySource.protein_panel_codes``), None where the Experiment has none."""
+        return self._obs_table_column(PANEL_OBS_COLUMN) if self._panels_stored else None
 
     # ---------------------------------------------------------------- reads
 
-    def read(self, ids: np.ndarray) -> SourceRows:
-        """Reads RNA and protein rows of sorted unique ``ids``: one coordinate read per measurement.
-
-        Raises:
-            InvalidIdsError: ids not sorted, unique and in range.
-            InvalidCountsError: NaN, infinite or negative counts (names study, cell, column).
-            StoreFormatError: X holds entries outside the var of its measurement.
-        """
-        ids = check_ids(ids, self.n_obs, f"study {self.name!r}")
+    def _read_rows(self, ids: np.ndarray) -> SourceRows:
+        """RNA and protein rows of checked ``ids`` (``StudySource.read``): one coordinate read per measurement;
+        X entries outside the var of their measurement are refused (StoreFormatError)."""
         n_genes, n_prot = len(self.gene_names), len(self.protein_names)
-        if ids.size == 0:
-            return SourceRows.empty(n_genes, n_prot)
         self._ensure_open()
         joinids = self._joinids[ids]
         coords = (pa.array(joinids),)
         rna = self._csr(self._rna_x.read(coords).tables().concat(), joinids, n_genes, self._gene_lookup, "RNA")
         protein = self._dense(self._prot_x.read(coords).tables().concat(), joinids, n_prot, self._protein_lookup)
-        rows = SourceRows(rna=rna, protein=protein)
-        if self._validate:
-            validate_rows(rows, study=self.name, gene_names=self.gene_names, protein_names=self.protein_names,
-                          row_ids=ids, cell_names=self._cell_name, source_path=self.uri)
-        return rows
+        return SourceRows(rna=rna, protein=protein)
 
     def _coo(self, table: pa.Table, joinids: np.ndarray, n_cols: int, lookup, what: str):
         """Returns ``(run_rows, run_lengths, cols, data)``: entries grouped in runs of one cell each.

@@ -12,8 +12,6 @@ A killed writer's temporary directory is removed by the next successful write of
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -23,10 +21,11 @@ import scipy.sparse as sp
 import zarr
 from anndata.io import write_elem
 
+from loaders.atomic_files import replace_directory, temporary_sibling
 from loaders.errors import StoreExistsError, StoreFormatError
 from loaders.object_store import ObjectPath, as_path, remove_tree, zarr_store
 from loaders.prefix_publish import publish_prefix
-from loaders.stale_temporaries import hold_writer_lock, release_writer_lock, remove_stale_temporaries
+from loaders.stale_temporaries import hold_writer_lock
 from loaders.protein_panels import PanelAssignment, ProteinPanelDetector
 from loaders.store_layout import (
     ANNDATA_ENCODING,
@@ -42,6 +41,7 @@ from loaders.store_layout import (
     ZARR_FORMAT,
     StoreLayoutConfig,
 )
+from loaders.writer_lifecycle import StagedWriter
 
 
 def check_unique_names(names, *, what: str, where: str) -> np.ndarray:
@@ -103,10 +103,11 @@ class _ChunkAppender:
         self._n_pending = len(rest)
 
 
-class ZarrStoreWriter:
+class ZarrStoreWriter(StagedWriter):
     """Incremental, atomic writer of a streamtotal store.
 
-    Use as a context manager (an exception inside the ``with`` aborts) or call ``close``/``abort``.
+    Use as a context manager (an exception inside the ``with`` aborts) or call ``close``/``abort``
+    (``writer_lifecycle.StagedWriter``).
     """
 
     def __init__(
@@ -155,8 +156,7 @@ class ZarrStoreWriter:
         self._source_file = source_file or ""
         self._overwrite = overwrite
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
-        self._lock = None
+        self._tmp = temporary_sibling(self.path)
         if not isinstance(self._tmp, ObjectPath):
             # Created and locked before anything is written into it: a live writer's temporary is never stale.
             self._tmp.mkdir()
@@ -185,7 +185,6 @@ class ZarrStoreWriter:
         self._detector = ProteinPanelDetector(n_prot) if panel_key is not None else None
         self.panels: PanelAssignment | None = None
         """Panels detected from ``panel_key``, set by ``close``."""
-        self._state = "open"
 
     @property
     def n_cells(self) -> int:
@@ -269,40 +268,21 @@ class ZarrStoreWriter:
             StoreFormatError: no cells were appended, or explicit panels have the wrong shape.
             StoreExistsError: the target appeared meanwhile and ``overwrite`` is False.
         """
-        self._check_open()
-        try:
-            self._finalise(protein_panels, panel_codes)
-            self._move_into_place()
-        except BaseException:
-            self.abort()
-            raise
-        self._state = "closed"
-        release_writer_lock(self._lock)
-        self._lock = None
-        if not isinstance(self.path, ObjectPath):
-            remove_stale_temporaries(self.path)  # of killed earlier writes of this target
+        self._close(protein_panels=protein_panels, panel_codes=panel_codes)
         return self.path
 
-    def abort(self) -> None:
-        """Deletes the temporary store; the target is left as it was."""
-        if self._state != "closed":
-            remove_tree(self._tmp)
-            release_writer_lock(self._lock)
-            self._lock = None
-            self._state = "aborted"
+    @property
+    def description(self) -> str:
+        """``ZarrStoreWriter for <path>`` (``StagedWriter``)."""
+        return f"ZarrStoreWriter for {self.path}"
 
-    def __enter__(self) -> ZarrStoreWriter:
-        return self
+    def _finish(self, protein_panels, panel_codes) -> Path | None:
+        self._finalise(protein_panels, panel_codes)
+        self._move_into_place()
+        return None if isinstance(self.path, ObjectPath) else self.path
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif self._state == "open":
-            self.close()
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise RuntimeError(f"ZarrStoreWriter for {self.path} is {self._state}")
+    def _discard(self) -> None:
+        remove_tree(self._tmp)
 
     def _create_rna_arrays(self, mean_nnz: float) -> None:
         x = self._root.create_group(RNA_KEY)
@@ -369,18 +349,9 @@ class ZarrStoreWriter:
         if isinstance(self.path, ObjectPath):  # no rename on object storage: copied, root metadata last
             publish_prefix(self._tmp, self.path, overwrite=self._overwrite)
             return
-        old = None
-        if self.path.exists() or self.path.is_symlink():
-            if not self._overwrite:
-                raise StoreExistsError(f"{self.path} appeared while writing; pass overwrite=True to replace it.")
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
-            os.replace(self.path, old)
-        os.replace(self._tmp, self.path)
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+        if (self.path.exists() or self.path.is_symlink()) and not self._overwrite:
+            raise StoreExistsError(f"{self.path} appeared while writing; pass overwrite=True to replace it.")
+        replace_directory(self._tmp, self.path)
 
 
 def _obs_for_storage(obs: pd.DataFrame, codes: np.ndarray) -> pd.DataFrame:

@@ -15,6 +15,7 @@ def write_simulation(sim: CiteSimulator, out: str | Path, *, overwrite: bool = F
     """
     from tqdm.auto import tqdm
 
+    from loaders.atomic_files import write_file_atomically
     from loaders.store_writer import ZarrStoreWriter
     from streamtotal.errors import ConfigError
 
@@ -22,10 +23,7 @@ def write_simulation(sim: CiteSimulator, out: str | Path, *, overwrite: bool = F
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
     if out.suffix == ".h5ad":
-        tmp = out.with_name(f".{out.name}.tmp")
-        sim.to_anndata().write_h5ad(tmp)
-        tmp.replace(out)
-        return out
+        return write_file_atomically(out, sim.to_anndata().write_h5ad)
     c = sim.config
     writer = ZarrStoreWriter(out, sim.gene_names, sim.protein_names, panel_key="batch", overwrite=overwrite,
                              source_file="streamtotal simulate", integer_counts=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -22,16 +23,14 @@ from loaders.errors import StoreFormatError
 from loaders.ingest.block_reader import BlockReader
 from loaders.ingest.h5ad_reader import H5adReader
 from loaders.ingest.h5mu_reader import H5muReader
+from loaders.ingest.ingest_options import DEFAULT_BLOCK_CELLS, INPUT_FORMATS, IngestOptions
 from loaders.ingest.ingest_report import IngestReport, build_report
 from loaders.ingest.tenx_h5_reader import TenxH5Reader
 from loaders.store_layout import PANEL_OBS_COLUMN, StoreLayoutConfig
 from loaders.store_writer import ZarrStoreWriter
 
-INPUT_FORMATS = ("h5ad", "h5mu", "10x_h5")
-"""Input formats ``ingest`` reads; ``"auto"`` picks one from the file."""
-
-DEFAULT_BLOCK_CELLS = 8192
-"""Cells read, validated and written per block: bounds ingest memory to a few blocks of counts."""
+__all__ = ["DEFAULT_BLOCK_CELLS", "INPUT_FORMATS", "IngestOptions", "checked_input", "detect_format", "ingest",
+           "open_input", "open_reader", "validated_blocks"]
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -93,45 +92,32 @@ def open_reader(
     raise StoreFormatError(f"{path}: unknown input_format {fmt!r}; choose one of {('auto', *INPUT_FORMATS)}.")
 
 
+def open_input(path: str | os.PathLike, options: IngestOptions) -> BlockReader:
+    """Opens ``path`` with the reader of its format, as ``options`` say (``open_reader``)."""
+    return open_reader(
+        path, options.input_format, protein_key=options.protein_key, rna_layer=options.rna_layer,
+        rna_modality=options.rna_modality, protein_modality=options.protein_modality,
+        protein_names=options.protein_names, gene_name_field=options.gene_name_field,
+    )
+
+
 def ingest(
     input_path: str | os.PathLike,
     out_path: str | os.PathLike,
+    options: IngestOptions | None = None,
     *,
-    input_format: str = "auto",
-    protein_key: str = "protein_expression",
-    rna_layer: str | None = None,
-    rna_modality: str = "rna",
-    protein_modality: str = "prot",
-    protein_names=None,
-    gene_name_field: str = "name",
-    batch_key: str | None = None,
-    block_cells: int = DEFAULT_BLOCK_CELLS,
-    allow_non_integer: bool = False,
-    make_names_unique: bool = False,
-    overwrite: bool = False,
     layout: StoreLayoutConfig = StoreLayoutConfig(),
-    progress: bool = True,
+    **option_overrides,
 ) -> IngestReport:
     """Converts one input file into a streamtotal zarr store (see ``store_layout``).
 
     Args:
         input_path: h5ad, h5mu or 10x feature-barcode ``.h5`` file.
         out_path: store directory to create (conventionally ``*.zarr``).
-        input_format: ``"auto"`` (from the file's contents) or one of ``INPUT_FORMATS``.
-        protein_key: h5ad: key of the protein matrix under ``obsm``.
-        rna_layer: h5ad/h5mu: take RNA counts from ``layers/<rna_layer>`` (e.g. ``"counts"``).
-        rna_modality, protein_modality: h5mu: modality names.
-        protein_names: h5ad: protein names when the file does not record them.
-        gene_name_field: 10x: ``"name"`` (symbols) or ``"id"`` (Ensembl ids).
-        batch_key: obs column by which protein panels are detected (a protein all zero within a batch
-            is marked not measured there) and batches are reported.
-        block_cells: cells per read/validate/write block (memory bound).
-        allow_non_integer: accept non-integer counts (e.g. ambient-corrected); NaN, infinite and
-            negative values are refused regardless.
-        make_names_unique: append ``-1``, ``-2``, ... to repeated gene/protein names instead of failing.
-        overwrite: replace an existing store at ``out_path``.
+        options: how the input is read, checked and written (``IngestOptions``; default: its defaults).
         layout: chunking and codec of the store.
-        progress: show a progress bar.
+        **option_overrides: any ``IngestOptions`` field by name (``batch_key="batch", block_cells=4096``),
+            replacing that field of ``options``.
 
     Returns:
         An ``IngestReport`` (print it).
@@ -141,21 +127,14 @@ def ingest(
             empty input.
         InvalidCountsError: NaN, infinite, negative or (unless allowed) non-integer counts.
         StoreExistsError: ``out_path`` exists and ``overwrite`` is False.
+        TypeError: an override that is no ``IngestOptions`` field.
+        ValueError: ``block_cells`` below 1.
     """
-    if block_cells < 1:
-        raise ValueError(f"block_cells must be >= 1, got {block_cells}")
+    options = IngestOptions.resolve(options, option_overrides, caller="ingest")
     t0 = time.perf_counter()
-    input_path, out_path = os.fspath(input_path), os.fspath(out_path)
-    reader = open_reader(
-        input_path, input_format, protein_key=protein_key, rna_layer=rna_layer, rna_modality=rna_modality,
-        protein_modality=protein_modality, protein_names=protein_names, gene_name_field=gene_name_field,
-    )
+    reader = open_input(os.fspath(input_path), options)
     try:
-        return _ingest_open(
-            reader, out_path, t0, batch_key=batch_key, block_cells=block_cells,
-            allow_non_integer=allow_non_integer, make_names_unique=make_names_unique, overwrite=overwrite,
-            layout=layout, progress=progress,
-        )
+        return _ingest_open(reader, os.fspath(out_path), t0, options, layout)
     finally:
         reader.close()
 
@@ -198,33 +177,52 @@ def checked_input(reader: BlockReader, *, batch_key: str | None, make_names_uniq
     return genes, proteins, obs, notes
 
 
-def _ingest_open(reader: BlockReader, out_path: str, t0: float, *, batch_key, block_cells, allow_non_integer,
-                 make_names_unique, overwrite, layout, progress) -> IngestReport:
+def validated_blocks(reader: BlockReader, options: IngestOptions, *, study: str, genes: np.ndarray,
+                     proteins: np.ndarray, cell_names: np.ndarray) -> Iterator[tuple[int, int, object, object]]:
+    """The input's blocks, each validated before it is yielded, with a progress bar (``options.progress``).
+
+    Args:
+        reader: the open input.
+        options: ``block_cells``, ``allow_non_integer`` and ``progress`` are used.
+        study: the study named in messages and on the progress bar.
+        genes, proteins: the (checked) feature names, for messages.
+        cell_names: ``[n_obs]`` cell names, for messages.
+
+    Yields:
+        ``(start, stop, rna, protein)``: cells ``[start, stop)``.
+
+    Raises:
+        InvalidCountsError: NaN, infinite, negative or (unless allowed) non-integer counts (names the file, cell
+            and column).
+    """
+    with tqdm(total=reader.n_obs, unit="cells", desc=f"ingest {study}", disable=not options.progress) as bar:
+        for start, rna, protein in reader.blocks(options.block_cells):
+            stop = start + rna.shape[0]
+            for block, modality, names in ((rna, "rna", genes), (protein, "protein", proteins)):
+                validate_counts(
+                    block, study=study, modality=modality, cell_names=cell_names[start:stop],
+                    feature_names=names, row_offset=start, require_integer=not options.allow_non_integer,
+                    source_path=reader.path,
+                )
+            yield start, stop, rna, protein
+            bar.update(stop - start)
+
+
+def _ingest_open(reader: BlockReader, out_path: str, t0: float, options: IngestOptions,
+                 layout: StoreLayoutConfig) -> IngestReport:
     path = reader.path
-    genes, proteins, obs, notes = checked_input(reader, batch_key=batch_key, make_names_unique=make_names_unique,
-                                                addressed_by="index")
-    cell_names = obs.index.to_numpy()
-    study = Path(path).name
+    genes, proteins, obs, notes = checked_input(reader, batch_key=options.batch_key,
+                                                make_names_unique=options.make_names_unique, addressed_by="index")
     writer = ZarrStoreWriter(
-        out_path, genes, proteins, layout=layout, panel_key=batch_key, source_file=path, overwrite=overwrite,
-        integer_counts=not allow_non_integer,  # validated below, block by block
+        out_path, genes, proteins, layout=layout, panel_key=options.batch_key, source_file=path,
+        overwrite=options.overwrite,
+        integer_counts=not options.allow_non_integer,  # validated block by block
     )
-    try:
-        bar = tqdm(total=reader.n_obs, unit="cells", desc=f"ingest {study}", disable=not progress)
-        with bar:
-            for start, rna, protein in reader.blocks(block_cells):
-                stop = start + rna.shape[0]
-                for block, modality, names in ((rna, "rna", genes), (protein, "protein", proteins)):
-                    validate_counts(
-                        block, study=study, modality=modality, cell_names=cell_names[start:stop],
-                        feature_names=names, row_offset=start, require_integer=not allow_non_integer,
-                        source_path=path,
-                    )
-                writer.append(rna, protein, obs.iloc[start:stop])
-                bar.update(stop - start)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    return build_report(reader, output_path=out_path, genes=genes, proteins=proteins, obs=obs, batch_key=batch_key,
-                        panels=writer.panels, skip_columns={PANEL_OBS_COLUMN}, started=t0, notes=notes)
+    with writer:  # aborts on any error: no half-written store
+        blocks = validated_blocks(reader, options, study=Path(path).name, genes=genes, proteins=proteins,
+                                  cell_names=obs.index.to_numpy())
+        for start, stop, rna, protein in blocks:
+            writer.append(rna, protein, obs.iloc[start:stop])
+    return build_report(reader, output_path=out_path, genes=genes, proteins=proteins, obs=obs,
+                        batch_key=options.batch_key, panels=writer.panels, skip_columns={PANEL_OBS_COLUMN},
+                        started=t0, notes=notes)

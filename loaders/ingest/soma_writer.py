@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 import tiledbsoma
 
+from loaders.atomic_files import replace_directory, temporary_sibling
 from loaders.errors import StoreExistsError, StoreFormatError
 from loaders.ingest.soma_append import inspect_append_target, prepare_append
 from loaders.protein_panels import PanelAssignment, ProteinPanelDetector
@@ -48,9 +48,10 @@ from loaders.soma_layout import (
 )
 from loaders.soma_obs import obs_to_arrow
 from loaders.soma_source import JOINID, soma_context
-from loaders.stale_temporaries import hold_writer_lock, release_writer_lock, remove_stale_temporaries
+from loaders.stale_temporaries import hold_writer_lock
 from loaders.store_layout import PANEL_OBS_COLUMN
 from loaders.store_writer import check_unique_names
+from loaders.writer_lifecycle import StagedWriter
 
 _WRITE_IN_ORDER = {"tiledb": {"write": {"sort_coords": False}}}
 """Blocks are written in TileDB's global order (row-major by cell), so TileDB need not sort them."""
@@ -61,10 +62,11 @@ def is_local_uri(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
-class SomaExperimentWriter:
+class SomaExperimentWriter(StagedWriter):
     """Writes one study (cells in blocks) into a new Experiment or appends it to an existing one.
 
-    Use as a context manager (an exception inside the ``with`` aborts) or call ``close``/``abort``.
+    Use as a context manager (an exception inside the ``with`` aborts) or call ``close``/``abort``
+    (``writer_lifecycle.StagedWriter``).
     """
 
     def __init__(
@@ -123,8 +125,6 @@ class SomaExperimentWriter:
         self.panels: PanelAssignment | None = None
         self._append = append
         self._written = 0
-        self._lock = None
-        self._state = "open"
         if append:
             self._tmp = None
             self._target = self.uri
@@ -163,7 +163,7 @@ class SomaExperimentWriter:
             )
         self._path, self._overwrite = path, overwrite
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+        self._tmp = temporary_sibling(path)
         self._target = str(self._tmp)
         self._n_old = 0
         self._old_meta = SomaMetadata(*self._names, protein_panels=np.ones((0, len(self.protein_names)), bool))
@@ -278,25 +278,25 @@ class SomaExperimentWriter:
             StoreFormatError: fewer cells were written than obs has rows, or no cells at all.
             StoreExistsError: the target of a new Experiment appeared meanwhile.
         """
-        self._check_open()
-        try:
-            if self._written != self._n_new or self._n_new == 0:
-                raise StoreFormatError(f"{self._where}: {self._written} cells written for {self._n_new} rows of obs.")
-            codes, meta = self._panels_and_metadata()
-            self._exp.metadata[METADATA_KEY] = meta.to_json()
-            self._write_obs(codes)
-            self._exp.close()
-            if self._tmp is not None:
-                self._move_into_place()
-        except BaseException:
-            self.abort()
-            raise
-        self._state = "closed"
-        release_writer_lock(self._lock)
-        self._lock = None
-        if self._tmp is not None:
-            remove_stale_temporaries(self._path)  # of killed earlier writes of this target
+        self._close()
         return self.uri
+
+    @property
+    def description(self) -> str:
+        """``SomaExperimentWriter for <uri>`` (``StagedWriter``)."""
+        return f"SomaExperimentWriter for {self.uri}"
+
+    def _finish(self) -> Path | None:
+        if self._written != self._n_new or self._n_new == 0:
+            raise StoreFormatError(f"{self._where}: {self._written} cells written for {self._n_new} rows of obs.")
+        codes, meta = self._panels_and_metadata()
+        self._exp.metadata[METADATA_KEY] = meta.to_json()
+        self._write_obs(codes)
+        self._exp.close()
+        if self._tmp is None:
+            return None  # appended in place
+        self._move_into_place()
+        return self._path
 
     def _panels_and_metadata(self) -> tuple[np.ndarray, SomaMetadata]:
         """Returns the new cells' panel codes and the metadata with panels over the union of proteins."""
@@ -356,11 +356,9 @@ class SomaExperimentWriter:
             obs.tiledbsoma_resize_soma_joinid_shape(n_old + n)
         obs.write(table)
 
-    def abort(self) -> None:
-        """Deletes a new Experiment's temporary directory. An aborted append leaves rows that obs does not
-        list (invisible to Sources; removed by the next append)."""
-        if self._state == "closed":
-            return
+    def _discard(self) -> None:
+        """Deletes a new Experiment's temporary directory (``abort``). An aborted append leaves rows that obs does
+        not list (invisible to Sources; removed by the next append)."""
         exp = getattr(self, "_exp", None)
         if exp is not None and not exp.closed:
             try:
@@ -369,33 +367,11 @@ class SomaExperimentWriter:
                 pass
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
-        release_writer_lock(self._lock)
-        self._lock = None
-        self._state = "aborted"
-
-    def __enter__(self) -> SomaExperimentWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif self._state == "open":
-            self.close()
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise RuntimeError(f"SomaExperimentWriter for {self.uri} is {self._state}")
 
     def _move_into_place(self) -> None:
-        old = None
-        if self._path.exists():
-            if not self._overwrite:
-                raise StoreExistsError(f"{self._path} appeared while writing; pass overwrite=True to replace it.")
-            old = self._path.parent / f".{self._path.name}.old-{uuid.uuid4().hex[:12]}"
-            os.replace(self._path, old)
-        os.replace(self._tmp, self._path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if self._path.exists() and not self._overwrite:
+            raise StoreExistsError(f"{self._path} appeared while writing; pass overwrite=True to replace it.")
+        replace_directory(self._tmp, self._path)
 
 
 def _mask_string(joinids: np.ndarray, n_total: int) -> str:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pandas as pd
 
+from loaders.atomic_files import write_file_atomically
 from streamtotal.errors import ConfigError
 
 
@@ -38,9 +38,5 @@ def write_tables(tables: dict[str, pd.DataFrame], out: str | Path, groupby: str)
     for group, df in tables.items():
         other = df["group2"].iloc[0] if len(df) else "rest"
         path = out if single else out / f"de_{_safe(groupby)}_{_safe(group)}_vs_{_safe(str(other))}.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        df.to_csv(tmp)
-        os.replace(tmp, path)
-        written.append(path)
+        written.append(write_file_atomically(path, df.to_csv))
     return written

@@ -10,6 +10,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from loaders.atomic_files import write_directory_atomically
 from loaders.object_store import refuse_url
 from streamtotal.api import data_setup as ds
 from streamtotal.api.train_options import device_name
@@ -53,24 +54,15 @@ class SaveLoadMixin:
             return out  # already the run directory
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise RunDirError(f"{out} already exists and is not empty; pass overwrite=True to replace it")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+
+        def write(staging: Path) -> None:
             shutil.copytree(self.run_dir, staging, dirs_exist_ok=True)
             if save_anndata and self.adata is not None:
                 name = SAVED_MUDATA if ds.is_mudata(self.adata) else SAVED_ANNDATA
                 writer = self.adata.write if ds.is_mudata(self.adata) else self.adata.write_h5ad
                 writer(str(staging / name))
-            if out.exists():
-                old = out.with_name(f".{out.name}.old")
-                os.replace(out, old)
-                os.replace(staging, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return out
+
+        return write_directory_atomically(out, write)
 
     @classmethod
     def load(cls, dir_path: str | Path, adata: Any = None, accelerator: str = "auto", device: Any = "auto",

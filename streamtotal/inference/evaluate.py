@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -28,8 +26,10 @@ from typing import Sequence
 
 import numpy as np
 
+from loaders.atomic_files import write_directory_atomically
 from loaders.covariates import batch_codes as factorize_batches
 from loaders.covariates import label_codes
+from loaders.object_store import as_path, refuse_url
 from streamtotal.errors import ConfigError
 from streamtotal.inference.integration_metrics import check_metrics, import_scib_metrics, integration_metrics
 
@@ -104,7 +104,9 @@ def evaluate(
         raise ConfigError(f"n_cells must be an integer >= 20; got {n_cells!r}")
     chosen = check_metrics(metrics)
     import_scib_metrics()  # fail before streaming anything when it is missing
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)  # a run on s3:// is read from there; the report folder must be local
+    refuse_url(run_dir if out_dir is None else out_dir, "the evaluation report (plots and tables)",
+               "give a local report folder (CLI: --out DIR)")
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
     _check_out_dir(out_dir)
 
@@ -127,11 +129,11 @@ def evaluate(
     present = [name for name in label_names if (labels == name).any()]
     heat = np.stack([foreground[labels == name].mean(axis=0) for name in present])
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    report: dict = {}
+    figures: dict[str, str] = {}
+
+    def write(tmp: Path) -> None:
+        nonlocal report, figures
         coords = umap_coordinates(latent, seed=seed)
         figures = {"UMAP of the latent, by label and by batch": "umap.png"}
         plot_umap(coords, {f"label ({labels_key})": labels, f"batch ({batch_key or 'model batches'})": batches},
@@ -159,10 +161,8 @@ def evaluate(
         }
         (tmp / "metrics.json").write_text(json.dumps(report, indent=1))
         write_index_html(tmp, report, figures)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_directory_atomically(out_dir, write)  # a previous report is replaced only by a complete one
     return EvaluationReport(out_dir=out_dir, index_html=out_dir / "index.html", metrics=report,
                             figures={caption: out_dir / name for caption, name in figures.items()}, cell_ids=ids)
 
@@ -242,18 +242,6 @@ def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
                                                       and not (out_dir / "metrics.json").is_file())):
         raise ConfigError(f"{out_dir} exists and is not a previous evaluation report; choose another --out")
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Renames ``tmp`` onto ``out_dir``; a previous report is moved aside first and removed after."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_cells(path: Path, ids: np.ndarray, labels: np.ndarray, batches: np.ndarray, coords: np.ndarray) -> None:

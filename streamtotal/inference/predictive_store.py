@@ -19,8 +19,6 @@ subset).
 
 from __future__ import annotations
 
-import os
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from loaders.atomic_files import write_directory_atomically, write_file_atomically
 from loaders.store_results import read_obs_column
 from streamtotal.errors import ConfigError
 from streamtotal.inference import predictive
@@ -237,21 +236,15 @@ def export_predictive(
                        obsm={"protein_counts": pd.DataFrame(protein, index=obs.index, columns=protein_names)})
     adata.uns["streamtotal"] = {"quantity": "posterior_predictive", "n_samples": int(n_samples), "seed": int(seed),
                                 "model": str(post.trained.source)}
-    tmp = path.with_name(f".{path.name}.tmp")
     if kind == ".h5ad":
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return write_file_atomically(path, adata.write_h5ad)
+
+    def write_zarr(tmp: Path) -> None:
         with warnings.catch_warnings():  # anndata's notice that v3 will become its default; stores here are v2
             warnings.filterwarnings("ignore", message="Writing zarr v2 data", category=UserWarning)
             adata.write_zarr(tmp)
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    return path
+
+    return write_directory_atomically(path, write_zarr)
 
 
 def _names(all_names: Sequence[str], index: np.ndarray | None) -> list[str]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
+from loaders.atomic_files import atomic_write_text
 from loaders.object_store import ObjectPath
 
 LEDGER_KEY = "streamtotal_write_progress"
@@ -66,9 +66,7 @@ def _read_attrs(element_dir: Path) -> dict:
 
 
 def _write_attrs(element_dir: Path, attrs: dict) -> None:
-    tmp = element_dir / ".zattrs.tmp"
-    tmp.write_text(json.dumps(attrs, indent=2))
-    os.replace(tmp, element_dir / ".zattrs")
+    atomic_write_text(element_dir / ".zattrs", json.dumps(attrs, indent=2))
 
 
 def read_done(element_dir: Path, expected_fingerprint: str, unit_rows: int) -> set[int] | None:

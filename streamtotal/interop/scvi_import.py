@@ -13,15 +13,12 @@ the model came from in ``extra["scvi_import"]``.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from loaders.atomic_files import write_directory_atomically
 from loaders.object_store import refuse_url
 from loaders.registry import Registry
 from streamtotal.config import DataConfig, RunConfig, TrainConfig
@@ -195,25 +192,12 @@ def _registry(m: ScviModel, batches: list[str]) -> Registry:
 
 def _write_run_dir(out: Path, model: TotalVAE, config: RunConfig, registry: Registry, overwrite: bool) -> None:
     """Writes the run directory under a temporary name beside ``out``, then renames it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         run = RunDir(tmp)
         run.write_config(config, registry)
         run.write_final_model(model, config, registry)
         run.metrics_path.touch()  # no training happened here; readers find an empty log rather than none
-        old = None
-        if out.exists() or out.is_symlink():
-            if not overwrite:
-                raise RunDirError(f"{out} appeared while importing; pass overwrite=True to replace it")
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if (out.exists() or out.is_symlink()) and not overwrite:
+            raise RunDirError(f"{out} appeared while importing; pass overwrite=True to replace it")
+
+    write_directory_atomically(out, write)

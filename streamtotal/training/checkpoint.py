@@ -10,16 +10,15 @@ written in one PUT: the object appears only complete (see ``loaders.object_store
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from loaders.object_store import ObjectPath, as_path, readable, write_object_atomically
+from loaders.atomic_files import atomic_write_bytes  # re-exported: run_dir, metrics_log, surgery, interop use it
+from loaders.object_store import as_path, readable
 from streamtotal.errors import CheckpointError
 from streamtotal.safe_load import UnreadableFileError, UnsafeFileError, load_weights_only
 
@@ -45,31 +44,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint in ``run_dir``, or None when there is none."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Calls ``write(file)`` on a temp file beside ``path``, fsyncs it, and renames it to ``path``.
-
-    Args:
-        path: the final path.
-        write: a function taking a binary file object.
-    """
-    path = as_path(path)
-    if isinstance(path, ObjectPath):  # no rename there: one PUT of the finished bytes is the atomic step
-        write_object_atomically(path, write)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
