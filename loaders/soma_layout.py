@@ -24,9 +24,8 @@ Experiment of several studies as one Source per study (``streamtotal.data``; ``o
 
 Why these array settings: a sparse array's data tile holds ``capacity`` non-zeros; a read decodes whole
 tiles, so TileDB's default (100,000, i.e. ~500 cells at 200 non-zeros a cell) decodes mostly cells that
-were not asked for when training reads random runs of 64 cells. ~64 cells' worth of non-zeros per tile
-read 1.4x faster (37.7k vs 27.0k cells/s; 20k cells x 2,000 genes at 10% + 100 proteins, 64 random
-64-cell runs per read, 2 shared cores, benchmarks/soma_read_speed.py; the store is as small). The gene
+were not asked for when training reads random runs of 64 cells; small tiles decode little beyond the cells a
+read wants (benchmarks/soma_read_speed.py compares tile sizes), and the store is as small. The gene
 dimension gets one space tile (extent 2**31) so a cell's entries are contiguous in TileDB's global order
 whatever the gene count (the default extent of 2,048 would split a 30k-gene row over 15 tiles). zstd:
 lz4 read no faster here and made stores ~2.5x larger.

@@ -112,8 +112,7 @@ class TrainConfig:
     prefetch_batches: int | None = None
     """I/O batches read ahead of the one being consumed, on background threads; 0 = read when needed, in the
     training thread. Unset = 2, except when training on a CPU whose every core runs torch's threads: there the
-    readers could only take cycles from the training step (a 3-epoch fit on 2 cores ran ~8% faster reading inline),
-    so 0."""
+    readers could only take cycles from the training step, so 0."""
     read_threads: int = 2
     """I/O batches read concurrently (at most ``prefetch_batches``): overlaps TileDB queries and object-store
     requests; the memory bound does not change."""

@@ -10,7 +10,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "config",
         help="print the default run config (TOML, every key documented)",
         description="Prints every [data], [model] and [train] key with its default and meaning. Save it, edit it, "
-        "and pass it to `streamtotal train --config FILE`. --markdown prints the README's reference tables.",
+        "and pass it to `streamtotal train --config FILE`. --markdown prints the reference tables of docs/config.md.",
     )
     p.add_argument("--markdown", action="store_true", help="Markdown tables instead of TOML")
     p.set_defaults(run=run)

@@ -8,7 +8,7 @@ streamtotal and scvi-tools. Raising the mmap and trim thresholds keeps those blo
 The reader threads (zarr chunk decoding, minibatch assembly) allocate tens of MB per I/O group. Each thread
 gets its own glibc arena by default, and those arenas hand freed memory back to the kernel, so every group
 page-faulted ~20 MB afresh (~350 faults a training step). One arena for the whole process keeps that memory
-for reuse too: a 3-epoch benchmark fit ran 13% faster (11,700 vs 10,400 cells/s, 3 runs each). The arena's
+for reuse too, which makes CPU training steps measurably faster (benchmarks/train_throughput.py). The arena's
 lock is no bottleneck here: the threads make few, large allocations.
 
 Process-wide: call it once, early (before reader threads start), in a CPU training process. A no-op where

@@ -79,7 +79,7 @@ def snapshot(state: Any) -> Any:
 
 class CheckpointWriter:
     """Writes checkpoints on a background thread, one at a time, so training does not wait for serialisation and
-    fsync (~50 ms for a 15 MB checkpoint on the 2-core benchmark machine, each epoch, ~40 ms of it CPU time).
+    fsync (tens of milliseconds for a checkpoint of the default model, most of it CPU time).
 
     The state is snapshotted (``snapshot``) by the caller's thread before ``submit`` returns, so the file holds
     exactly the state at submission. Writes stay atomic (``save_checkpoint``). A write's error is raised by the
