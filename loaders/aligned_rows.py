@@ -27,6 +27,10 @@ class AlignedRows:
         batch: ``[n]`` int64 batch codes.
         label: ``[n]`` int64 label codes (-1 = unlabeled).
         cell_id: ``[n]`` int64 global cell ids.
+        gene_mask_table: ``[n_patterns, G]`` bool, the gene-presence patterns of the collection's studies (True =
+            measured); None when every gene is measured for every cell or absent genes are read as zeros. Shared
+            by every AlignedRows of one Collection, so read-ahead memory does not grow with cells x genes.
+        gene_mask_codes: ``[n]`` int32 row of ``gene_mask_table`` for each cell (None with the table).
     """
 
     rna: sp.csr_matrix
@@ -35,6 +39,8 @@ class AlignedRows:
     batch: np.ndarray
     label: np.ndarray
     cell_id: np.ndarray
+    gene_mask_table: np.ndarray | None = None
+    gene_mask_codes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.rna.shape[0])
@@ -48,6 +54,8 @@ class AlignedRows:
             batch=self.batch[rows],
             label=self.label[rows],
             cell_id=self.cell_id[rows],
+            gene_mask_table=self.gene_mask_table,
+            gene_mask_codes=None if self.gene_mask_codes is None else self.gene_mask_codes[rows],
         )
 
     @staticmethod
@@ -62,10 +70,23 @@ class AlignedRows:
             batch=np.concatenate([p.batch for p in parts]),
             label=np.concatenate([p.label for p in parts]),
             cell_id=np.concatenate([p.cell_id for p in parts]),
+            # One Collection has one table; parts of it are cut from the same reads.
+            gene_mask_table=parts[0].gene_mask_table,
+            gene_mask_codes=(None if parts[0].gene_mask_codes is None
+                             else np.concatenate([p.gene_mask_codes for p in parts])),
         )
 
     def to_citebatch(self) -> CiteBatch:
-        """Densifies RNA and wraps everything as torch tensors (no copy beyond the densification)."""
+        """Densifies RNA and wraps everything as torch tensors (no copy beyond the densification).
+
+        ``rna_mask`` is set only when a cell of the batch lacks a gene, so fully measured batches stay on the
+        models' fast (unmasked) paths.
+        """
+        rna_mask = None
+        if self.gene_mask_table is not None:
+            used = np.unique(self.gene_mask_codes)
+            if not self.gene_mask_table[used].all():
+                rna_mask = torch.from_numpy(np.ascontiguousarray(self.gene_mask_table[self.gene_mask_codes]))
         return CiteBatch(
             rna=torch.from_numpy(self.rna.toarray().astype(np.float32, copy=False)),
             protein=torch.from_numpy(np.ascontiguousarray(self.protein, dtype=np.float32)),
@@ -73,4 +94,5 @@ class AlignedRows:
             batch=torch.from_numpy(np.ascontiguousarray(self.batch, dtype=np.int64)),
             label=torch.from_numpy(np.ascontiguousarray(self.label, dtype=np.int64)),
             cell_id=torch.from_numpy(np.ascontiguousarray(self.cell_id, dtype=np.int64)),
+            rna_mask=rna_mask,
         )

@@ -52,7 +52,10 @@ class ArraySource:
         protein_names: ``[n_proteins]`` str.
         obs_columns: names of the obs columns.
         protein_panels: ``[n_panels, n_proteins] bool``.
+        location: always None (the data are in memory, not in a store).
     """
+
+    location: str | None = None
 
     def __init__(
         self,
@@ -64,6 +67,7 @@ class ArraySource:
         obs: Mapping[str, Any] | None = None,
         protein_panels: Any = None,
         protein_panel_codes: Any = None,
+        obs_names: Any = None,
     ) -> None:
         """Builds the source and validates shapes, names and counts.
 
@@ -76,6 +80,7 @@ class ArraySource:
             obs: per-cell columns, each of length ``n_obs``.
             protein_panels: ``[n_panels, n_proteins] bool``; default one all-True panel.
             protein_panel_codes: ``[n_obs]`` panel index per cell; may be omitted with a single panel.
+            obs_names: ``[n_obs]`` cell names (an AnnData's obs index); default the positions as str.
 
         Raises:
             StoreFormatError: a shape, length or name is inconsistent.
@@ -107,6 +112,10 @@ class ArraySource:
                 )
             self._obs[str(key)] = values
         self.obs_columns = list(self._obs)
+        names = np.arange(self.n_obs).astype(str) if obs_names is None else np.asarray(obs_names).astype(str)
+        if names.shape != (self.n_obs,):
+            raise StoreFormatError(f"study {name!r}: obs_names has shape {names.shape}; expected ({self.n_obs},)")
+        self._obs_names = names
 
         self.protein_panels, self._panel_codes = self._check_panels(protein_panels, protein_panel_codes)
 
@@ -174,7 +183,7 @@ class ArraySource:
             protein_panel_codes: passed to the constructor.
 
         Returns:
-            The source; obs holds every column of ``adata.obs``.
+            The source; obs holds every column of ``adata.obs``, ``obs_names()`` its index.
 
         Raises:
             StoreFormatError: the layer, protein key or protein names are missing (the message lists what exists).
@@ -207,7 +216,12 @@ class ArraySource:
         return cls(
             name, rna, protein, np.asarray(adata.var_names), protein_names, obs=obs,
             protein_panels=protein_panels, protein_panel_codes=protein_panel_codes,
+            obs_names=np.asarray(adata.obs_names),
         )
+
+    def obs_names(self) -> np.ndarray:
+        """Returns the ``[n_obs]`` cell names (``obs_names`` given to the constructor, else the positions)."""
+        return self._obs_names
 
     def obs_column(self, key: str) -> np.ndarray:
         """Returns one obs column for every cell.

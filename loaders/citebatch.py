@@ -19,6 +19,10 @@ class CiteBatch:
         batch: ``[B] int64`` batch covariate code (index into the registry's batch categories).
         label: ``[B] int64`` label code; -1 means unlabeled / no label column.
         cell_id: ``[B] int64`` global cell id in the collection, used to write results back.
+        rna_mask: ``[B, G] bool``, True where the cell's study measured the gene; None (the common case) means
+            every gene was measured. Absent genes are zero in ``rna`` but are not true zeros: models leave them
+            out of the RNA likelihood and do not read them as zeros in the encoder. Only set for batches with at
+            least one absent gene (``Collection(absent_genes="mask")``), so fully measured data costs nothing.
     """
 
     rna: torch.Tensor
@@ -27,14 +31,21 @@ class CiteBatch:
     batch: torch.Tensor
     label: torch.Tensor
     cell_id: torch.Tensor
+    rna_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.rna.shape[0])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "CiteBatch":
         """Returns a copy with every tensor moved to ``device``."""
-        return CiteBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+        return CiteBatch(**{f.name: _maybe(getattr(self, f.name), lambda t: t.to(device, non_blocking=non_blocking))
+                            for f in fields(self)})
 
     def pin_memory(self) -> "CiteBatch":
         """Pins every tensor (called by torch's DataLoader when ``pin_memory=True``)."""
-        return CiteBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+        return CiteBatch(**{f.name: _maybe(getattr(self, f.name), lambda t: t.pin_memory()) for f in fields(self)})
+
+
+def _maybe(tensor: torch.Tensor | None, apply):
+    """``apply(tensor)``, or None for an optional field that is not set (``rna_mask``)."""
+    return None if tensor is None else apply(tensor)

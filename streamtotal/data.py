@@ -122,7 +122,8 @@ def open_collection(data: DataConfig, *, registry: Registry | None = None, allow
         raise ConfigError("no stores given: pass one or more STORE paths, or set [data] stores in the config")
     sources, provenance = open_sources(data.stores, protein_key=data.protein_key, data=data)
     kwargs = dict(batch_key=data.batch_key, labels_key=data.labels_key, unlabeled_category=data.unlabeled_category,
-                  gene_join=data.gene_join, min_gene_overlap=data.min_gene_overlap, provenance=provenance)
+                  gene_join=data.gene_join, min_gene_overlap=data.min_gene_overlap, provenance=provenance,
+                  absent_genes=data.absent_genes)
     if registry is not None:
         return Collection(sources, registry=registry, allow_new_batches=allow_new_batches, **kwargs)
     return Collection(sources, **kwargs)

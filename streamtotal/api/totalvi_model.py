@@ -21,6 +21,7 @@ from loaders.collection import Collection
 from loaders.object_store import refuse_url
 from streamtotal.api import data_setup as ds
 from streamtotal.api.downstream import DownstreamMixin
+from streamtotal.api.global_rng import preserved_global_rng
 from streamtotal.api.history import history_from_metrics
 from streamtotal.api.model_kwargs import model_config, summary
 from streamtotal.api.persistence import SaveLoadMixin
@@ -244,14 +245,15 @@ class TOTALVI(SaveLoadMixin, QueryMixin, DownstreamMixin):
         refuse_url(run_dir, "the run directory of a model object", "train with `streamtotal train --out s3://...`, "
                    "or train into a local directory and upload it")
         target = Path(run_dir) if run_dir is not None else self._temporary_run_dir()
-        trainer = Trainer(config, target, resume=resume, collection=self._collection)
-        try:
-            trainer.fit()
-        finally:
-            trainer.dist.close()
+        with preserved_global_rng():  # the user's random, numpy and torch generators are theirs
+            trainer = Trainer(config, target, resume=resume, collection=self._collection)
+            try:
+                trainer.fit()
+            finally:
+                trainer.dist.close()
+            self._trained = load_trained(target)  # builds the module (random init) before loading its weights
         self.config = trainer.config
         self.run_dir = target
-        self._trained = load_trained(target)
         self._device, self._progress, self._seed = device, progress, tc.seed
         log.info("trained %s in %s", self._model_name, target)
 
@@ -385,6 +387,4 @@ class TOTALVI(SaveLoadMixin, QueryMixin, DownstreamMixin):
         if data is not None and not ds.is_store_list(data):
             setup = self.setup if adata is None else self._setup_of(adata)
             return pd.Index(ds.cell_names(data, setup))
-        from streamtotal.inference.embed import collection_obs
-
-        return collection_obs(post.collection).index
+        return post.collection.obs_frame().index

@@ -33,9 +33,8 @@ def selected_cell_ids(args: argparse.Namespace, post) -> np.ndarray | None:
         SelectionError: unknown or repeated names, an empty or unreadable file.
     """
     from streamtotal.inference.cell_names import cell_ids_from_names, read_names_file
-    from streamtotal.inference.embed import collection_obs
 
     if args.cells is None and args.cells_file is None:
         return None
     names = args.cells if args.cells is not None else read_names_file(args.cells_file)
-    return cell_ids_from_names(collection_obs(post.collection).index, names)
+    return cell_ids_from_names(post.collection.obs_frame().index, names)

@@ -27,7 +27,7 @@ def cell_ids_from_names(obs_names: Sequence[str], requested: Sequence[str]) -> n
     """Global ids of ``requested`` cell names, in the requested order.
 
     Args:
-        obs_names: every cell's name in store order (``embed.collection_obs(...).index``; with several studies
+        obs_names: every cell's name in store order (``Collection.obs_frame().index``; with several studies
             whose names collide, names are ``study:name``).
         requested: the names asked for.
 

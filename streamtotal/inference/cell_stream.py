@@ -9,7 +9,7 @@ or written back across an interruption and a resume give the same values.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Iterator
 
 import numpy as np
@@ -39,13 +39,18 @@ def block_rng(seed: int, block: int) -> np.random.Generator:
 
 
 def _take(batch: CiteBatch, start: int, stop: int) -> CiteBatch:
-    return CiteBatch(**{f.name: getattr(batch, f.name)[start:stop] for f in fields(batch)})
+    return CiteBatch(**{f.name: None if getattr(batch, f.name) is None else getattr(batch, f.name)[start:stop]
+                        for f in fields(batch)})
 
 
 def _cat(parts: list[CiteBatch]) -> CiteBatch:
     if len(parts) == 1:
         return parts[0]
-    return CiteBatch(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(parts[0])})
+    if any(p.rna_mask is not None for p in parts):  # a part without absent genes has an all-True mask
+        parts = [p if p.rna_mask is not None else replace(p, rna_mask=torch.ones_like(p.rna, dtype=torch.bool))
+                 for p in parts]
+    return CiteBatch(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) if getattr(parts[0], f.name) is not None
+                        else None for f in fields(parts[0])})
 
 
 def stream_blocks(

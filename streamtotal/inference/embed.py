@@ -8,22 +8,19 @@ only when every cell is written.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from loaders.store_results import read_obsm
+from loaders.atomic_files import write_file_atomically
 from streamtotal.data import open_collection
 from streamtotal.inference.cell_stream import stream_blocks
 from streamtotal.inference.write_back import ObsmTarget, WriteBack
 from streamtotal.inference.write_ledger import file_sha256
 from streamtotal.training.run_dir import load_trained
 from streamtotal.device import resolve_device
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 
 @dataclass
@@ -116,16 +113,5 @@ def _export_anndata(collection, latent: np.ndarray, key: str, path: Path) -> Pat
     """Writes the stores' obs columns and the latent as an h5ad (temp name, then rename)."""
     import anndata as ad
 
-    adata = ad.AnnData(obs=collection_obs(collection), obsm={key: latent})
-    tmp = path.with_name(f".{path.name}.tmp")
-    adata.write_h5ad(tmp)
-    tmp.replace(path)
-    return path
-
-
-def collection_obs(collection) -> "pd.DataFrame":
-    """Every cell's obs columns (the union over studies; missing ones empty) plus ``study``, as categoricals.
-
-    Kept for callers of this module; the frame is ``loaders.collection.Collection.obs_frame``'s.
-    """
-    return collection.obs_frame()
+    adata = ad.AnnData(obs=collection.obs_frame(), obsm={key: latent})
+    return write_file_atomically(path, adata.write_h5ad)

@@ -35,6 +35,7 @@ import torch
 
 from loaders.citebatch import CiteBatch
 from loaders.store_results import read_obsm
+from loaders.atomic_files import write_file_atomically
 from streamtotal.data import open_collection
 from streamtotal.errors import ConfigError
 from streamtotal.inference import posterior
@@ -327,11 +328,7 @@ class StorePosterior:
             raise ConfigError("export_h5ad needs a compute(...) result over every cell, kept in memory")
         obsm = {DEFAULT_KEYS[q]: pd.DataFrame(v, index=obs.index, columns=result.feature_names[q])
                 for q, v in result.values.items()}
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        ad.AnnData(obs=obs, obsm=obsm).write_h5ad(tmp)
-        tmp.replace(path)
-        return path
+        return write_file_atomically(path, ad.AnnData(obs=obs, obsm=obsm).write_h5ad)
 
     # ------------------------------------------------------------------ internals
 

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 from loaders.covariates import label_codes
+from loaders.errors import StoreFormatError
+from loaders.store_results import obsm_shape, read_obsm
 from streamtotal.data import open_collection
 from streamtotal.errors import ConfigError
 from streamtotal.training.run_dir import TrainedModel, load_trained
@@ -162,7 +163,7 @@ def _encode(model, collection, ids: np.ndarray, batch_size: int, device: torch.d
     parts = []
     for start in range(0, len(ids), batch_size):
         b = collection.read(ids[start:start + batch_size]).to(device)
-        z = model.encode(b.rna, b.protein, b.protein_mask, b.batch, give_mean=True)
+        z = model.encode(b.rna, b.protein, b.protein_mask, b.batch, give_mean=True, rna_mask=b.rna_mask)
         parts.append(z.float().cpu().numpy())
     return np.concatenate(parts) if parts else np.zeros((0, model.config.n_latent), np.float32)
 
@@ -175,18 +176,20 @@ def _read_obsm_rows(collection, ids: np.ndarray, key: str, n_latent: int) -> np.
         rows = np.flatnonzero(study == s)
         if not len(rows):
             continue
-        path = getattr(source, "path", None)
-        try:
-            array = zarr.open_group(str(path), mode="r")["obsm"][key]
-        except (KeyError, FileNotFoundError, TypeError, ValueError) as err:
+        path = source.location
+        shape = obsm_shape(path, key) if path is not None else None
+        if shape is None:
             raise ConfigError(f"study {source.name!r} ({path}) has no obsm/{key} Zarr array to read the reference "
                               "latent from; run `streamtotal embed` on it first, or drop --reference-latent-key "
-                              "to encode the sampled cells") from err
-        if array.shape != (source.n_obs, n_latent):
-            raise ConfigError(f"study {source.name!r}: obsm/{key} has shape {array.shape}, expected "
+                              "to encode the sampled cells")
+        if shape != (source.n_obs, n_latent):
+            raise ConfigError(f"study {source.name!r}: obsm/{key} has shape {shape}, expected "
                               f"({source.n_obs}, {n_latent}) (a latent of this model); re-run `streamtotal embed`")
         local = ids[rows] - collection.offsets[s]
-        out[rows] = array.get_orthogonal_selection((local, slice(None)))
+        try:
+            out[rows] = read_obsm(path, key, rows=local)
+        except StoreFormatError as err:
+            raise ConfigError(f"study {source.name!r}: cannot read the reference latent: {err}") from err
     return out
 
 

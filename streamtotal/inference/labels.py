@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from loaders.store_results import read_obs_codes, read_obs_column, read_obsm
+from loaders.atomic_files import write_file_atomically
 from streamtotal.data import open_collection
 from streamtotal.errors import ConfigError
 from streamtotal.inference.knn_transfer import KnnConfig, KnnLabelTransfer, reference_latent
@@ -293,7 +294,4 @@ def _export(collection, result: LabelPrediction, keys: dict[str, str], path: Pat
     obs[keys["entropy"]] = result.entropy
     obsm = {keys["probs"]: pd.DataFrame(result.probabilities, index=obs.index, columns=result.label_names),
             keys["latent"]: result.latent}
-    tmp = path.with_name(f".{path.name}.tmp")
-    ad.AnnData(obs=obs, obsm=obsm).write_h5ad(tmp)
-    tmp.replace(path)
-    return path
+    return write_file_atomically(path, ad.AnnData(obs=obs, obsm=obsm).write_h5ad)

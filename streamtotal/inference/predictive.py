@@ -116,7 +116,8 @@ def elbo_terms(model: TotalVAE, batch: CiteBatch, *, generator: torch.Generator 
         ModelInputError: the model is in training mode or the batch does not fit it.
     """
     draws = draw_posterior(model, batch, 1, sample=True, generator=generator)
-    inf = model.inference(batch.rna, batch.protein, batch.protein_mask, batch.batch, sample=False)
+    inf = model.inference(batch.rna, batch.protein, batch.protein_mask, batch.batch, sample=False,
+                          rna_mask=batch.rna_mask)
     inf = replace(inf, z=draws.z[0], log_library=draws.log_library[0])
     out = model.loss(batch, inf, decode(model, draws, batch.batch), kl_weight=1.0)
     # The z term of the model's own prior, as in training (the m2 label prior draws its z2 from ``generator`` last,
@@ -139,7 +140,8 @@ def log_importance_weights(
     """
     _check(model, n_samples)
     model._check_shapes(batch.rna, batch.protein, batch.protein_mask, batch.batch)
-    inf = model.inference(batch.rna, batch.protein, batch.protein_mask, batch.batch, sample=False)
+    inf = model.inference(batch.rna, batch.protein, batch.protein_mask, batch.batch, sample=False,
+                          rna_mask=batch.rna_mask)
     n, k = inf.qz_mean.shape
     qz_scale = inf.qz_var.sqrt()
     noise = torch.randn((n_samples, n, k), generator=generator, device=qz_scale.device, dtype=qz_scale.dtype)
@@ -166,7 +168,8 @@ def log_importance_weights(
     back_terms = _normal_log_prob(log_back, prior_mean, prior_scale) - _normal_log_prob(log_back, gen.back_mean,
                                                                                       gen.back_scale)
     rna_ll = nb_log_likelihood_from_logits(batch.rna.repeat(n_samples, 1), gen.rna_logits, gen.log_library,
-                                           gen.rna_log_theta)
+                                           gen.rna_log_theta,
+                                           mask=None if batch.rna_mask is None else batch.rna_mask.repeat(n_samples, 1))
     protein = torch.where(batch.protein_mask, batch.protein, 0.0).repeat(n_samples, 1)
     protein_ll = log_nb_mixture_from_log_means(protein, log_back, log_back + gen.fore_scale.log(),
                                                gen.protein_theta.log(), gen.mix_logits)

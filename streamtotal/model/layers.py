@@ -77,24 +77,6 @@ class CovariateLinear(nn.Module):
         return out
 
 
-class _NativeDropout(torch.autograd.Function):
-    """Dropout by the compiled kernel (native/layer_kernel.c); the backward multiplies by the same mask."""
-
-    @staticmethod
-    def forward(ctx, x, threshold: int, scale: float):  # noqa: D102 - see Dropout
-        # The kernel's random stream is a hash of this seed, drawn from torch's generator: seeded runs repeat, and a
-        # checkpoint (which saves torch's RNG state) resumes the same masks.
-        seed = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None))
-        out, keep_scale = native.dropout_forward(x, threshold, scale, seed)
-        ctx.save_for_backward(keep_scale)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        (keep_scale,) = ctx.saved_tensors
-        return grad * keep_scale, None, None
-
-
 class Dropout(nn.Module):
     """Inverted dropout with a cheaper random mask on CPU (same distribution as ``nn.Dropout`` up to 2^-16).
 
@@ -122,7 +104,7 @@ class Dropout(nn.Module):
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
         if native.float32_cpu(x):
-            return _NativeDropout.apply(x, self._threshold, self._scale)
+            return native.dropout(x, self._threshold, self._scale)
         n = x.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
         # int16 lanes are uniform on [-32768, 32767]: shift the threshold into that range

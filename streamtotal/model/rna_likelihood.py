@@ -19,7 +19,8 @@ element in torch) on all of them. Here forward and backward are written by hand:
 * per-cell sums use ``vecdot`` and the per-gene theta gradient a single matrix-vector product.
 
 Where the compiled kernels are installed (native/, built by setup.py) they compute the training case (CPU,
-float32, one theta per gene, integer counts) instead, in five passes over the row-major tensors (~3x faster).
+float32, one theta per gene) instead, in five passes over the row-major tensors (~3x faster), as the custom
+operator ``torch.ops.streamtotal.nb_log_likelihood`` (native/ops.py), eager and under ``torch.compile``.
 
 The result is a true log-probability (lgamma(x + 1) included) and is tested against ``log_nb``, scipy and
 scvi-tools, and by ``gradcheck``.
@@ -105,12 +106,6 @@ class _NBLogitsLogLik(torch.autograd.Function):
         dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 data
         with torch.autocast(x.device.type, enabled=False):
             x, logits, log_library, log_theta = (t.to(dtype) for t in (x, logits, log_library, log_theta))
-            ctx.native = None
-            if native.applies(x, logits, log_library, log_theta):
-                found = native.nb_forward(x, logits, log_library, log_theta, with_theta_grad=ctx.needs_input_grad[3])
-                if found is not None:  # None: non-integer counts, which the general path below handles
-                    ll, ctx.native = found
-                    return ll
             return _NBLogitsLogLik._forward(ctx, x, logits, log_library, log_theta)
 
     @staticmethod
@@ -146,8 +141,6 @@ class _NBLogitsLogLik(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         with torch.autocast(grad.device.type, enabled=False):
-            if ctx.native is not None:
-                return None, *native.nb_backward(grad, ctx.native, *ctx.needs_input_grad[1:4])
             return _NBLogitsLogLik._backward(ctx, grad.to(ctx.saved_tensors[0].dtype))
 
     @staticmethod
@@ -184,12 +177,37 @@ class _NBLogitsLogLik(torch.autograd.Function):
         return None, grad_logits, grad_library, grad_log_theta
 
 
+def _fused_log_likelihood(x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor,
+                          log_theta: torch.Tensor) -> torch.Tensor:
+    """The compiled kernel's custom op where it applies (CPU, float32 after promotion, one theta per gene; eager
+    and under torch.compile), ``_NBLogitsLogLik`` otherwise."""
+    # Under mixed-precision autocast the logits may be bf16/fp16: the likelihood is computed in float32 either way.
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    promoted = [t.to(dtype) for t in (x, logits, log_library, log_theta)]
+    if native.applies(*promoted):
+        return native.nb_log_likelihood(*promoted)
+    return _NBLogitsLogLik.apply(x, logits, log_library, log_theta)
+
+
+MASKED_LOGIT_GAP = 1.0e4
+"""Absent genes' logits are set this far below the cell's largest logit: their softmax weight, mean and every
+per-element term then underflow to exactly 0, in float32 and float64, in the torch and the native path."""
+
+
 def nb_log_likelihood_from_logits(
-    x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor, log_theta: torch.Tensor
+    x: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor, log_theta: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-cell sum over genes of log NB(x; mean = exp(log_library) * softmax(logits), theta = exp(log_theta)).
 
     Differentiable in ``logits``, ``log_library`` and ``log_theta`` (not in ``x``).
+
+    With ``mask``, only measured genes count: the sum runs over them and the softmax is renormalised over them
+    (so ``exp(log_library)``, the cell's total over its measured genes, is the mean total of those genes). This
+    is the NB likelihood of the measured genes alone, computed by the same fused (or native) code: absent genes'
+    counts are set to 0 and their logits ``MASKED_LOGIT_GAP`` below the cell's largest, where every term and
+    derivative is exactly 0, and the substitution itself passes no gradient to them. A cell with no measured
+    gene gets 0.
 
     Args:
         x: ``[B, G]`` counts.
@@ -198,7 +216,15 @@ def nb_log_likelihood_from_logits(
         log_theta: ``[G]`` (one dispersion per gene) or ``[B, G]`` (e.g. per gene and batch) log inverse
             dispersion.
 
+        mask: ``[B, G]`` bool, True where the gene was measured for the cell; None = every gene.
+
     Returns:
         ``[B]`` log-likelihoods.
     """
-    return _NBLogitsLogLik.apply(x, logits, log_library, log_theta)
+    if mask is None:
+        return _fused_log_likelihood(x, logits, log_library, log_theta)
+    x = torch.where(mask, x, 0.0)
+    fill = logits.detach().amax(dim=1, keepdim=True) - MASKED_LOGIT_GAP
+    logits = torch.where(mask, logits, fill)
+    ll = _fused_log_likelihood(x, logits, log_library, log_theta)
+    return torch.where(mask.any(dim=1), ll, 0.0)

@@ -4,7 +4,11 @@ Generative model (DESIGN.md section 2): z ~ N(0, I); x_g ~ NB(l * rho_g(z, s), t
 N(c_st, d_st^2) with a learned per-batch prior; y_t ~ pi_t NB(beta_t, phi_t) + (1 - pi_t) NB(beta_t alpha_t,
 phi_t) with alpha_t >= 1. Inference: q(z | x, y, s), q(log beta | z, s), and q(log l | x, y, s) when the
 library is latent. Unmeasured proteins (``protein_mask`` False) enter neither the likelihood nor the
-background KL, and are zeroed in the encoder input.
+background KL, and are zeroed in the encoder input. Unmeasured genes (``rna_mask`` False: a study or query that
+lacks reference genes) are left out of the RNA likelihood (softmax renormalised over the measured genes, whose
+total is the library), and in the encoder input they are replaced by the model's own expected counts given the
+measured genes (``_fill_absent_genes``), so the encoder never reads them as zeros and its output does not depend
+on the values stored there.
 
 Same architecture as scvi-tools' TOTALVAE (so results are comparable), with these differences:
 
@@ -53,6 +57,10 @@ LABEL_MODULES = ("label_classifier.", "label_prior.")
 label), so query surgery keeps them frozen, and a run started ``--from`` a totalVI run initialises them afresh."""
 MAX_LOG_LIBRARY = 15.0
 """Sampled log library sizes are clamped here (as scvi-tools): exp(15) = 3.3M counts."""
+ABSENT_GENE_PASSES = 2
+"""Encode-decode passes that estimate absent genes' counts before the final encoding: the first encodes with
+them at 0, each further one with the previous estimate (one pass already removes most of the zero-fill's
+shift; the second corrects the first's z)."""
 
 
 class TotalVAE(nn.Module):
@@ -173,6 +181,27 @@ class TotalVAE(nn.Module):
 
     # ------------------------------------------------------------------ inference
 
+    def _fill_absent_genes(self, rna: torch.Tensor, protein: torch.Tensor, protein_mask: torch.Tensor,
+                           batch: torch.Tensor, rna_mask: torch.Tensor) -> torch.Tensor:
+        """``rna`` with every absent gene (``rna_mask`` False) replaced by its expected count given the measured
+        genes: ``l_measured * rho_g / sum_{measured} rho`` with ``rho`` decoded at the posterior mean of z in the
+        cell's own batch (``ABSENT_GENE_PASSES`` encode-decode rounds from 0). Measured values are kept as they
+        are and absent values are never read, so the result, and the encoder's output on it, does not depend
+        on what ``rna`` holds at absent genes. No gradient flows through the estimate (it stands in for data)."""
+        cov = batch if self.config.encode_covariates else None
+        measured_rna = torch.where(rna_mask, rna, 0.0)
+        log_library = measured_rna.sum(dim=1, keepdim=True).clamp(min=1.0).log()
+        filled = measured_rna
+        with torch.no_grad():
+            for _ in range(ABSENT_GENE_PASSES):
+                qz_mean, _ = self._z_posterior(self._encoder_input(filled, protein, protein_mask), cov)
+                hidden = self.decoder_hidden(qz_mean, batch).split(self.config.n_hidden, dim=1)
+                logits = self.rna_head(torch.cat([hidden[0], qz_mean.to(hidden[0].dtype)], dim=1), batch).float()
+                log_norm = torch.logsumexp(logits.masked_fill(~rna_mask, float("-inf")), dim=1, keepdim=True)
+                expected = (logits - log_norm + log_library).exp().to(rna.dtype)
+                filled = torch.where(rna_mask, measured_rna, expected)
+        return filled
+
     def _encoder_input(self, rna: torch.Tensor, protein: torch.Tensor, protein_mask: torch.Tensor) -> torch.Tensor:
         c = self.config
         protein = torch.where(protein_mask, protein, 0.0)
@@ -202,6 +231,7 @@ class TotalVAE(nn.Module):
         protein_mask: torch.Tensor,
         batch: torch.Tensor,
         sample: bool = True,
+        rna_mask: torch.Tensor | None = None,
     ) -> InferenceOutputs:
         """q(z | x, y, s) (and q(log l | x, y, s) when the library is latent).
 
@@ -211,17 +241,23 @@ class TotalVAE(nn.Module):
             protein_mask: ``[B, T]`` bool, True where measured.
             batch: ``[B]`` int64 batch codes.
             sample: draw z (and log l) by reparameterisation; False = use the posterior means.
+            rna_mask: ``[B, G]`` bool, True where the gene was measured (``CiteBatch.rna_mask``); None = all.
+                Absent genes are filled by ``_fill_absent_genes`` before encoding, and the observed library
+                is the total of the measured genes.
 
         Returns:
             The inference outputs.
         """
+        if rna_mask is not None:
+            rna = self._fill_absent_genes(rna, protein, protein_mask, batch, rna_mask)
         x_in = self._encoder_input(rna, protein, protein_mask)
         cov = batch if self.config.encode_covariates else None
         qz_mean, qz_var = self._z_posterior(x_in, cov)
         z = qz_mean + qz_var.sqrt() * torch.randn_like(qz_mean) if sample else qz_mean
         if not self.config.latent_library:
             # A cell without RNA counts gets l = 1; its all-zero row then has likelihood ~1 whatever rho is.
-            log_library = rna.sum(dim=1).clamp(min=1.0).log()
+            total = rna.sum(dim=1) if rna_mask is None else torch.where(rna_mask, rna, 0.0).sum(dim=1)
+            log_library = total.clamp(min=1.0).log()
             return InferenceOutputs(qz_mean, qz_var, z, log_library)
         ql_mean, ql_log_var = self.library_head(self.library_encoder(x_in, cov)).float().unbind(dim=-1)
         ql_var = ql_log_var.exp() + VAR_EPS
@@ -235,6 +271,7 @@ class TotalVAE(nn.Module):
         protein_mask: torch.Tensor,
         batch: torch.Tensor,
         give_mean: bool = True,
+        rna_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The latent representation of cells (for embedding). Call ``eval()`` first for deterministic output.
 
@@ -244,19 +281,24 @@ class TotalVAE(nn.Module):
             protein_mask: ``[B, T]`` bool, True where measured.
             batch: ``[B]`` int64 batch codes.
             give_mean: return the posterior mean (default); False = one sample.
+            rna_mask: ``[B, G]`` bool, True where the gene was measured; None = all (see ``inference``).
 
         Returns:
             ``[B, n_latent]`` latents.
         """
-        self._check_shapes(rna, protein, protein_mask, batch)
+        self._check_shapes(rna, protein, protein_mask, batch, rna_mask)
+        if rna_mask is not None:
+            rna = self._fill_absent_genes(rna, protein, protein_mask, batch, rna_mask)
         x_in = self._encoder_input(rna, protein, protein_mask)
         mean, var = self._z_posterior(x_in, batch if self.config.encode_covariates else None)
         return mean if give_mean else mean + var.sqrt() * torch.randn_like(mean)
 
     def predict_proba(
-        self, rna: torch.Tensor, protein: torch.Tensor, protein_mask: torch.Tensor, batch: torch.Tensor
+        self, rna: torch.Tensor, protein: torch.Tensor, protein_mask: torch.Tensor, batch: torch.Tensor,
+        rna_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """totalANVI: ``[B, n_labels]`` label probabilities from the posterior mean of z (call ``eval()`` first).
+        ``rna_mask``: as in ``encode``.
 
         Raises:
             ConfigError: the model has no label classifier.
@@ -264,7 +306,8 @@ class TotalVAE(nn.Module):
         if self.label_classifier is None:
             raise ConfigError("this model has no label classifier (model.label_classifier = false): train with "
                               "--totalanvi --labels-key KEY")
-        return torch.softmax(self.label_classifier(self.encode(rna, protein, protein_mask, batch)), dim=-1)
+        return torch.softmax(self.label_classifier(self.encode(rna, protein, protein_mask, batch, rna_mask=rna_mask)),
+                             dim=-1)
 
     # ------------------------------------------------------------------ generative
 
@@ -324,8 +367,9 @@ class TotalVAE(nn.Module):
         Returns:
             The loss output.
         """
+        # Genes the cell's study did not measure (rna_mask False) are not in the RNA likelihood.
         rna_nll = -nb_log_likelihood_from_logits(batch.rna, generative.rna_logits, generative.log_library,
-                                                 generative.rna_log_theta)
+                                                 generative.rna_log_theta, mask=batch.rna_mask)
         inf = inference
         kl_z = 0.5 * (inf.qz_var + inf.qz_mean.square() - 1.0 - inf.qz_var.log()).sum(dim=1)
         # Unmeasured proteins (protein_mask False) enter neither the likelihood nor the background KL.
@@ -364,8 +408,9 @@ class TotalVAE(nn.Module):
         Raises:
             ModelInputError: the batch's shapes do not fit the model.
         """
-        self._check_shapes(batch.rna, batch.protein, batch.protein_mask, batch.batch)
-        inference = self.inference(batch.rna, batch.protein, batch.protein_mask, batch.batch)
+        self._check_shapes(batch.rna, batch.protein, batch.protein_mask, batch.batch, batch.rna_mask)
+        inference = self.inference(batch.rna, batch.protein, batch.protein_mask, batch.batch,
+                                   rna_mask=batch.rna_mask)
         generative = self.generative(inference.z, inference.log_library, batch.batch)
         out = self.loss(batch, inference, generative, kl_weight)
         if self.label_classifier is not None:  # totalANVI
@@ -419,7 +464,7 @@ class TotalVAE(nn.Module):
             return self.label_prior.log_prior(z, generator)
         return -0.5 * (z.float().square() + math.log(2.0 * math.pi)).sum(-1)
 
-    def _check_shapes(self, rna, protein, protein_mask, batch) -> None:
+    def _check_shapes(self, rna, protein, protein_mask, batch, rna_mask=None) -> None:
         n = rna.shape[0]
         if (rna.dim() != 2 or rna.shape[1] != self.n_genes or tuple(protein.shape) != (n, self.n_proteins)
                 or tuple(protein_mask.shape) != (n, self.n_proteins) or tuple(batch.shape) != (n,)):
@@ -429,6 +474,9 @@ class TotalVAE(nn.Module):
             )
         if protein_mask.dtype != torch.bool:
             raise ModelInputError(f"protein_mask must be bool, got {protein_mask.dtype}")
+        if rna_mask is not None and (tuple(rna_mask.shape) != tuple(rna.shape) or rna_mask.dtype != torch.bool):
+            raise ModelInputError(f"rna_mask must be bool {list(rna.shape)} like rna; got {rna_mask.dtype} "
+                                  f"{list(rna_mask.shape)}")
 
     # ------------------------------------------------------------------ adversarial classifier
 

@@ -40,7 +40,7 @@ def duplicated_store(small_store, tmp_path):
 
 
 def test_the_cli_refuses_an_ambiguous_cell_name_with_exit_2(trained_run, duplicated_store):
-    # Duplicated names make every name of the study 'study:name' (embed.collection_obs); still ambiguous.
+    # Duplicated names make every name of the study 'study:name' (Collection.obs_frame); still ambiguous.
     proc = subprocess.run(
         [sys.executable, "-m", "streamtotal", "elbo", str(trained_run), str(duplicated_store), "--cells",
          "dups:cell3", "dups:cell7", "--batch-size", "64", "--device", "cpu", "--no-progress"],

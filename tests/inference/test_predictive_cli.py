@@ -9,7 +9,6 @@ import pytest
 
 from streamtotal.cli.main import main
 from streamtotal.inference import predictive
-from streamtotal.inference.embed import collection_obs
 from streamtotal.inference.expression import StorePosterior
 from streamtotal.inference.write_back import FAIL_ENV, InjectedFailure
 
@@ -52,7 +51,7 @@ def test_elbo_written_per_cell_equals_the_api_and_marginal_ll_bounds_it(trained_
 
 
 def test_elbo_of_chosen_cells_prints_means_and_rejects_unknown_cells(trained_run, store, post, capsys, tmp_path):
-    names = list(collection_obs(post.collection).index[[7, 300, 42]])
+    names = list(post.collection.obs_frame().index[[7, 300, 42]])
     assert main(["elbo", str(trained_run), str(store), "--cells", *names, "--batch-size", "64", "--device", "cpu",
                  "--no-progress"]) == 0
     report = _json(capsys)
@@ -70,7 +69,7 @@ def test_elbo_of_chosen_cells_prints_means_and_rejects_unknown_cells(trained_run
 
 def test_sample_exports_chosen_cells_and_writes_back_every_cell(trained_run, store, post, tmp_path, capsys):
     reg = post.registry
-    obs_names = collection_obs(post.collection).index
+    obs_names = post.collection.obs_frame().index
     ids = np.array([450, 3, 128])
     out = tmp_path / "draws.h5ad"
     genes = [reg.gene_names[5], reg.gene_names[1]]
