@@ -54,7 +54,9 @@ def test_a_callers_own_freeze_and_disabled_collector_are_left_as_they_were():
         frozen = gc.get_freeze_count()
         with ManualGC():
             pass
-        assert not gc.isenabled() and gc.get_freeze_count() == frozen
+        # Not undone: an unfreeze() would empty the permanent generation. (>=, not ==: another thread of the test
+        # process, e.g. a server an earlier test started, may freeze or track objects meanwhile.)
+        assert not gc.isenabled() and gc.get_freeze_count() >= frozen > 0
     finally:
         gc.unfreeze()
         gc.enable()
