@@ -82,6 +82,7 @@ def run_scvi(args: argparse.Namespace, work: Path) -> dict:
 def run_streamtotal(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
+    from streamtotal.cli.process_settings import tune_process_for_training
     from streamtotal.config import DataConfig, RunConfig, TrainConfig
     from streamtotal.training.trainer import Trainer
     from streamtotal.training.validation import evaluate_elbo
@@ -93,6 +94,8 @@ def run_streamtotal(args: argparse.Namespace, work: Path) -> dict:
                                          precision=args.precision))
     run_dir = work / f"run_{args.precision}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a kept --workdir holds the previous run's checkpoints
+    # The process-wide allocator tuning `streamtotal train` makes on CPU (the library leaves the process alone).
+    tune_process_for_training(args.device)
     t0 = time.perf_counter()
     trainer = Trainer(config, run_dir)
     t1 = time.perf_counter()
