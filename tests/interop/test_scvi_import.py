@@ -26,6 +26,8 @@ from streamtotal.simulate import CiteSimulator, SimulationConfig  # noqa: E402
 from streamtotal.surgery.map_query import map_query  # noqa: E402
 from streamtotal.training.run_dir import load_trained  # noqa: E402
 
+from payloads import OpenPayload
+
 # Two batches, two proteins missing in the last batch: scvi-tools records a protein_batch_mask, so the import of
 # its encoder input (mean over all proteins) and its masked likelihood are exercised too.
 SIM = SimulationConfig(n_cells=300, n_genes=100, n_proteins=12, n_cell_types=3, n_batches=2, n_missing_proteins=2,
@@ -281,16 +283,6 @@ def test_refuses_extra_covariates_missing_file_and_existing_run(totalvi, tmp_pat
         import_scvi_model(model_dir, tmp_path / "run")
 
 
-class _TouchPayload:
-    """Unpickled with weights_only=False, creates MARKER through a builtin (harmless; nothing must run it)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
-
-
 def test_cli_refuses_a_downloaded_model_that_would_run_code(totalvi, tmp_path):
     import subprocess
     import sys
@@ -298,7 +290,7 @@ def test_cli_refuses_a_downloaded_model_that_would_run_code(totalvi, tmp_path):
     model_dir, _, _ = totalvi
     marker = tmp_path / "marker"
     bad = _edited_copy(model_dir, tmp_path / "downloaded",
-                       lambda a: a["registry_"]["setup_args"].__setitem__("layer", _TouchPayload(marker)))
+                       lambda a: a["registry_"]["setup_args"].__setitem__("layer", OpenPayload(marker)))
     proc = subprocess.run([sys.executable, "-m", "streamtotal", "import-scvi", str(bad), "--out", str(tmp_path / "run")],
                           capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr

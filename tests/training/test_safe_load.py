@@ -13,25 +13,7 @@ import torch
 
 from streamtotal.safe_load import UnreadableFileError, UnsafeFileError, is_inert, load_weights_only
 
-
-class ShellPayload:
-    """Unpickled with weights_only=False, runs ``touch MARKER`` (the issue's attack, harmless here)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-class OpenPayload:
-    """Unpickled with weights_only=False, creates MARKER through a builtin (not a blocklisted module)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
+from payloads import OpenPayload, ShellPayload
 
 
 @pytest.mark.parametrize("payload", [ShellPayload, OpenPayload])

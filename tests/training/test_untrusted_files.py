@@ -3,7 +3,6 @@ run code is refused before any of it runs, and a truncated or garbage file is a 
 no traceback). A damaged newest checkpoint is skipped for the one before, with a warning naming it."""
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -15,25 +14,7 @@ from streamtotal.interop.scvi_model_file import read_scvi_model
 from streamtotal.training.checkpoint import list_checkpoints, load_checkpoint
 from streamtotal.training.run_dir import load_model_file
 
-
-class ShellPayload:
-    """Unpickled with weights_only=False, runs ``touch MARKER`` (the issue's attack, harmless here)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-class OpenPayload:
-    """Unpickled with weights_only=False, creates MARKER through a builtin (not a blocklisted module)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
+from payloads import OpenPayload, ShellPayload
 
 
 def _copy_run(trained_run, tmp_path):
