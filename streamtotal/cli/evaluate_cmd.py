@@ -14,7 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Samples labelled cells of STORE (stratified by label), computes their latent with the model "
         "of RUN_DIR and scores it with scib-metrics (bio conservation and batch correction, aggregated as scib "
         "does), then writes a UMAP by label and batch, the training curves, the mean protein foreground "
-        "probability per label and an index.html that opens them into one folder (written whole, then renamed).",
+        "probability per label and an index.html that opens them into one folder (written whole, then renamed). "
+        "When the studies' panels differ, it also sets, per label, the imputed values of each protein in the "
+        "cells whose panel lacks it beside the measured counts where a panel has it (with the imputation's "
+        "spread over posterior draws).",
     )
     p.add_argument("run_dir", help="training run directory")
     p.add_argument("store", help="store to evaluate on (aligned onto the model's genes and proteins by name)")

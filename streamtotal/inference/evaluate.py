@@ -6,6 +6,8 @@
       umap.png                     UMAP of the sampled cells' latent, coloured by label and by batch
       training_curves.png          from RUN/metrics.jsonl (absent when the run has none)
       protein_foreground.png       mean foreground probability per label x protein
+      protein_imputation.png       per label, imputed against measured, for proteins some panels lack (absent
+                                   when every sampled cell's panel has the same proteins)
       cells.csv                    the sampled cells: global id, label, batch, UMAP coordinates
 
 Only the sampled cells are read (stratified by label, ``n_cells`` in all): the latent and foreground
@@ -98,6 +100,8 @@ def evaluate(
     """
     from streamtotal.inference.evaluation_page import plot_foreground_heatmap, write_index_html
     from streamtotal.inference.expression import StorePosterior
+    from streamtotal.inference.protein_imputation_report import (imputed_against_measured,
+                                                                 plot_imputed_against_measured)
     from streamtotal.plots import plot_training_curves, plot_umap, umap_coordinates
 
     if isinstance(n_cells, bool) or int(n_cells) != n_cells or n_cells < 20:
@@ -128,6 +132,7 @@ def evaluate(
     scib = integration_metrics(latent, labels, batches, x_pre=x_pre, metrics=chosen)
     present = [name for name in label_names if (labels == name).any()]
     heat = np.stack([foreground[labels == name].mean(axis=0) for name in present])
+    imputation = imputed_against_measured(post, ids, labels, seed)
 
     report: dict = {}
     figures: dict[str, str] = {}
@@ -144,6 +149,9 @@ def evaluate(
             figures["training curves"] = "training_curves.png"
         plot_foreground_heatmap(heat, present, post.registry.protein_names, tmp / "protein_foreground.png")
         figures["protein foreground probability per label"] = "protein_foreground.png"
+        if imputation is not None:
+            plot_imputed_against_measured(imputation, tmp / "protein_imputation.png")
+            figures["imputed against measured protein, per label"] = "protein_imputation.png"
         _write_cells(tmp / "cells.csv", ids, labels, batches, coords)
         report = {
             "run_dir": str(run_dir), "store": str(store), "labels_key": labels_key, "batch_key": batch_key,
@@ -157,6 +165,7 @@ def evaluate(
                                    "mean": heat.astype(float).tolist(),
                                    "note": "mean of 1 - pi over the sampled cells of each label; proteins a "
                                            "study did not measure are the model's values"},
+            "protein_imputation": imputation,
             "figures": dict(figures),
         }
         (tmp / "metrics.json").write_text(json.dumps(report, indent=1))

@@ -64,7 +64,7 @@ def write_index_html(out_dir: Path, metrics: dict, figures: dict[str, str]) -> P
             rows.append(f"<tr><td>{html.escape(title)}</td><td>{html.escape(name)}</td><td>{_fmt(value)}</td></tr>")
     for name, why in scib.get("skipped", {}).items():
         rows.append(f"<tr><td>skipped</td><td>{html.escape(name)}</td><td>{html.escape(why)}</td></tr>")
-    sections = []
+    sections = [_imputation_table(metrics.get("protein_imputation"))]
     for caption, name in figures.items():
         data = base64.b64encode((out_dir / name).read_bytes()).decode("ascii")
         sections.append(
@@ -100,6 +100,25 @@ img {{ max-width: 100%; }}
     path = out_dir / "index.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _imputation_table(imputation: dict | None) -> str:
+    """Proteins some panels lack: where measured and imputed, the correlation over labels, the relative spread."""
+    if not imputation:
+        return ""
+    rows = []
+    for name, info in imputation["proteins"].items():
+        measured = ", ".join(f"{k} ({v})" for k, v in info["measured_in"].items())
+        imputed = ", ".join(f"{k} ({v})" for k, v in info["imputed_in"].items())
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(measured)}</td><td>{html.escape(imputed)}</td>"
+                    f"<td>{_fmt(info['pearson_over_labels'])}</td><td>{_fmt(info['mean_relative_spread'])}</td></tr>")
+    return (f"<h2>proteins some panels lack: imputed against measured</h2>\n<p>Per label, the mean log1p of the "
+            f"measured counts (cells whose panel has the protein) against the mean log1p of the imputed values "
+            f"(cells whose panel lacks it; {imputation['samples']} posterior draws, background included, decoded as "
+            f"the batches that measured it). Correlation over labels with at least "
+            f"{imputation['min_cells_per_side']} cells on each side; spread = standard deviation over the draws / "
+            f"imputed value.</p>\n<table><tr><th>protein</th><th>measured in (cells)</th><th>imputed in (cells)</th>"
+            f"<th>r over labels</th><th>mean relative spread</th></tr>\n{chr(10).join(rows)}\n</table>")
 
 
 def _fmt(value) -> str:

@@ -12,7 +12,8 @@ import pytest
 from streamtotal.cli.main import main
 from streamtotal.errors import ConfigError
 from streamtotal.inference.evaluate import evaluate, stratified_sample
-from streamtotal.inference.expression import StorePosterior
+from streamtotal.inference.expression import ExpressionOptions, StorePosterior
+from streamtotal.inference.protein_imputation_report import IMPUTE_SAMPLES
 from streamtotal.inference.integration_metrics import BIO_METRICS, integration_metrics
 
 QUICK = ["isolated_labels", "nmi_ari_cluster_labels_kmeans", "silhouette_label", "clisi_knn", "bras", "ilisi_knn",
@@ -34,14 +35,15 @@ def report_dir(trained_run, small_store, tmp_path_factory):
 def test_folder_holds_a_page_that_opens_every_figure(report_dir):
     names = {p.name for p in report_dir.iterdir()}
     assert {"index.html", "metrics.json", "umap.png", "training_curves.png", "protein_foreground.png",
-            "cells.csv"} <= names
+            "protein_imputation.png", "cells.csv"} <= names
     assert not [p for p in report_dir.parent.iterdir() if p.name.startswith(".")]  # temp folder renamed away
     page = (report_dir / "index.html").read_text()
     metrics = json.loads((report_dir / "metrics.json").read_text())
     for name in metrics["figures"].values():
         assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'href="{name}"' in page
-    assert page.count("data:image/png;base64,") == len(metrics["figures"]) == 3
+    assert page.count("data:image/png;base64,") == len(metrics["figures"]) == 4
+    assert "imputed against measured" in page
     assert "http://" not in page and "https://" not in page
 
 
@@ -81,6 +83,52 @@ def test_heat_map_is_the_mean_foreground_probability_per_label(report_dir, train
     # The sampled labels are the store's own labels of those cells.
     stored = np.asarray(post.collection.sources[0].obs_column("cell_type")).astype(str)
     assert (stored[ids] == labels).all()
+
+
+def test_imputed_against_measured_is_the_direct_computation(report_dir, trained, small_store):
+    """The store's last batch lacks two proteins: per label, their measured counts in the other batch are set
+    beside the model's imputed values in this one, each recomputed here from the posterior and the counts."""
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    section = metrics["protein_imputation"]
+    with open(report_dir / "cells.csv") as f:
+        rows = list(csv.DictReader(f))
+    ids = np.array([int(r["cell_id"]) for r in rows])
+    labels = np.array([r["label"] for r in rows])
+    # Draws are a function of the batch size (blocks of store rows): the report's default, 1024.
+    post = StorePosterior(trained, small_store, batch_size=1024, device="cpu", progress=False)
+    measured = post.collection.protein_mask(ids)
+    partial = np.flatnonzero(measured.any(0) & ~measured.all(0))
+    names = [trained.registry.protein_names[j] for j in partial]
+    assert len(names) == 2 and list(section["proteins"]) == names
+    counts = post.collection.read_aligned(ids).protein
+    batches = np.asarray(trained.registry.batch_categories)[np.asarray(post.collection.batch_codes)[ids]]
+    for j, name in zip(partial, names):
+        info = section["proteins"][name]
+        have = measured[:, j]
+        measuring = sorted(set(batches[have]))
+        assert info["decoded_as"] == measuring and set(info["imputed_in_batches"]) == set(batches[~have])
+        assert sum(info["measured_in"].values()) == have.sum() and sum(info["imputed_in"].values()) == (~have).sum()
+        opts = ExpressionOptions(n_samples=IMPUTE_SAMPLES, seed=2, include_protein_background=True,
+                                 transform_batch=measuring, proteins=(name,))
+        lack = np.flatnonzero(~have)
+        result = post.compute(["protein", "protein_std"], ids[lack], opts)
+        imputed, spread = result.values["protein"][:, 0], result.values["protein_std"][:, 0]
+        assert np.isfinite(imputed).all() and (spread > 0).all()  # every imputed value carries its uncertainty
+        xs, ys = [], []
+        for label, v in info["per_label"].items():
+            m, i = have & (labels == label), labels[lack] == label
+            assert v["n_measured"] == m.sum() and v["n_imputed"] == i.sum()
+            if m.any():
+                assert v["measured_mean_log1p"] == pytest.approx(np.log1p(counts[m, j]).mean(), rel=1e-6)
+            if i.any():
+                assert v["imputed_mean_log1p"] == pytest.approx(np.log1p(imputed[i]).mean(), rel=1e-4)
+                assert v["imputed_mean_spread"] == pytest.approx(spread[i].mean(), rel=1e-4)
+            if m.sum() >= 5 and i.sum() >= 5:
+                xs.append(v["measured_mean_log1p"])
+                ys.append(v["imputed_mean_log1p"])
+        expected_r = np.corrcoef(xs, ys)[0, 1] if len(xs) >= 3 else None
+        assert info["pearson_over_labels"] == (pytest.approx(expected_r) if expected_r is not None else None)
+        assert info["mean_relative_spread"] == pytest.approx(np.mean(spread / imputed), rel=1e-4)
 
 
 def test_label_separated_latent_scores_higher_bio_conservation_than_noise():
