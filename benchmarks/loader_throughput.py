@@ -6,11 +6,14 @@ own, one after the other, so they do not compete for cores:
 
 - streamtotal from a local Zarr store, a backed h5ad file, a TileDB-SOMA Experiment and a LaminDB collection (when
   those backends are installed);
-- object storage: the same Zarr store and SOMA Experiment on S3 (a moto server on 127.0.0.1, in its own process),
-  read directly and through ``latency_proxy.LatencyProxy`` (``--s3-latency-ms``, 20 ms per request by default: real
+- object storage: the Zarr store as ingested for object storage (``ingest --out s3://...``: 1,024-cell chunks, each
+  one request; also measured on local disk), the default Zarr store (64-cell chunks, through the proxy only: what
+  object storage costs without that layout) and the SOMA Experiment on S3 (a moto server on 127.0.0.1, in its own
+  process), read directly and through ``latency_proxy.LatencyProxy`` (``--s3-latency-ms``, 20 ms per request by default: real
   S3's round trip, loopback only), with the requests issued and bytes read per cell the proxy counted, and
-  ``s3_proxy_zarr_vs_local_ratio`` / ``s3_proxy_soma_vs_local_ratio`` (cells/s through the proxy over the same
-  backend on local disk, in the same run);
+  ``s3_proxy_zarr_vs_local_ratio`` / ``s3_proxy_soma_vs_local_ratio`` (cells/s through the proxy over the default
+  store of the same backend on local disk, in the same run; for Zarr also over the object-storage layout on local
+  disk, ``s3_proxy_zarr_vs_local_same_layout_ratio``);
 - the peers on the same files: tiledbsoma-ml 0.1.0 (RNA only: it has no protein path) on the same SOMA store,
   as its users run it (the criterion) and again with the TileDB read settings streamtotal's SomaSource uses
   (``READ_CONFIG_DEFAULTS``: no heap trim after each query), and LaminDB's MappedCollection on the same h5ad.
@@ -57,6 +60,7 @@ def mixing_tvd(batch_codes: np.ndarray, order: np.ndarray, batch_size: int) -> f
 # ----------------------------------------------------------------------------- data
 def prepare(args: argparse.Namespace, work: Path) -> dict:
     from loaders.ingest import ingest
+    from loaders.store_layout import StoreLayoutConfig
     from streamtotal.simulate import CiteSimulator, SimulationConfig
 
     sim = CiteSimulator(SimulationConfig(n_cells=args.cells, n_genes=args.genes, n_proteins=args.proteins,
@@ -67,7 +71,12 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
     np.save(work / "batch_codes.npy", adata.obs["batch"].cat.codes.to_numpy().astype(np.int64))
     del adata
     ingest(work / "data.h5ad", work / "data.zarr", batch_key="batch", progress=False, overwrite=True)
-    made = {"zarr": str(work / "data.zarr"), "h5ad": str(work / "data.h5ad")}
+    # What a store on object storage is: ingested there (`ingest --out s3://...`), or locally with
+    # `--chunk-cells 1024` and uploaded; its chunks are ~1,024 cells, as each one costs a request.
+    ingest(work / "data.h5ad", work / "data_object_layout.zarr", batch_key="batch", progress=False, overwrite=True,
+           layout=StoreLayoutConfig.for_destination("s3://bench/data.zarr"))
+    made = {"zarr": str(work / "data.zarr"), "zarr_object_layout": str(work / "data_object_layout.zarr"),
+            "h5ad": str(work / "data.h5ad")}
     try:
         from loaders.ingest.soma_ingest import ingest_soma  # the TileDB-SOMA backend, when installed
 
@@ -137,15 +146,22 @@ def start_s3(work: Path, uploads: dict[str, str]) -> tuple[subprocess.Popen, dic
 
 
 def measure_object_storage(made: dict, work: Path, num_workers: int, latency_ms: float) -> dict:
-    """The Zarr store and SOMA Experiment on moto's S3, read directly and through the latency proxy."""
-    uploads = {f"data.{b}": made[b] for b in ("zarr", "soma") if b in made}
+    """The Zarr store (in its object-storage layout, and in the local one for comparison) and the SOMA Experiment
+    on moto's S3, read directly and through the latency proxy."""
+    uploads = {"data.zarr": made["zarr_object_layout"], "data_64_cell_chunks.zarr": made["zarr"]}
+    if "soma" in made:
+        uploads["data.soma"] = made["soma"]
     server, env = start_s3(work, uploads)
     results = {}
     try:
         port = int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-        for backend in (b for b in ("zarr", "soma") if b in made):
-            url = f"s3://bench/data.{backend}"
-            results[f"streamtotal_s3_{backend}"] = measure("s3", "streamtotal", url, work, num_workers, env)
+        targets = [("zarr", "s3://bench/data.zarr", True), ("zarr_64_cell_chunks", "s3://bench/data_64_cell_chunks.zarr",
+                                                              False)]
+        if "soma" in made:
+            targets.append(("soma", "s3://bench/data.soma", True))
+        for backend, url, direct in targets:
+            if direct:
+                results[f"streamtotal_s3_{backend}"] = measure("s3", "streamtotal", url, work, num_workers, env)
             # A proxy per measurement: its counts are this measurement's own.
             with LatencyProxy("127.0.0.1", port, latency_s=latency_ms / 1000, max_connections=512,
                               lifetime_s=3600) as proxy:
@@ -189,7 +205,8 @@ def run_streamtotal(target: str, work: Path, num_workers: int) -> dict:
     assert np.array_equal(np.sort(order), np.arange(collection.n_obs)), "an epoch must see every cell once"
     np.save(work / f"order_{os.getpid()}.npy", order)
     return {"cells_per_s": n / (t2 - t1), "open_seconds": t1 - t0, "cells": n, "modalities": "rna+protein",
-            "peak_rss_mib": peak_rss_mib(), "order_file": str(work / f"order_{os.getpid()}.npy")}
+            "peak_rss_mib": peak_rss_mib(), "order_file": str(work / f"order_{os.getpid()}.npy"),
+            "chunk_size": loader.config.chunk_size, "io_chunks": loader.config.io_chunks}
 
 
 def run_tiledbsoma_ml(target: str, work: Path, num_workers: int, tiledb_config: dict | None = None) -> dict:
@@ -297,7 +314,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         made = prepare(args, work)
         results = {}
-        for backend in ("zarr", "h5ad", "soma"):
+        for backend in ("zarr", "zarr_object_layout", "h5ad", "soma"):
             if backend in made and not (args.object_storage_only and backend == "h5ad"):
                 results[f"streamtotal_{backend}"] = measure(backend, "streamtotal", made[backend], work,
                                                             args.num_workers)
@@ -337,11 +354,19 @@ def main() -> None:
             for key in ("streamtotal_zarr", "streamtotal_soma", "streamtotal_h5ad", "streamtotal_lamindb_zarr"):
                 if peer and "cells_per_s" in results.get(key, {}):
                     ratios[f"{key}_vs_{peer_key}"] = results[key]["cells_per_s"] / peer
-        for backend in ("zarr", "soma"):  # object storage through the proxy against local disk, in this run
-            local = results.get(f"streamtotal_{backend}", {}).get("cells_per_s")
-            remote = results.get(f"streamtotal_s3_proxy_{backend}", {}).get("cells_per_s")
+        # Object storage through the proxy against local disk, in this run. The criterion compares with the default
+        # local store (64-cell chunks, 64-cell runs); the same-layout ratio isolates the cost of the network.
+        for name, remote_key, local_key in (
+                ("s3_proxy_zarr_vs_local_ratio", "streamtotal_s3_proxy_zarr", "streamtotal_zarr"),
+                ("s3_proxy_zarr_vs_local_same_layout_ratio", "streamtotal_s3_proxy_zarr",
+                 "streamtotal_zarr_object_layout"),
+                ("s3_proxy_zarr_64_cell_chunks_vs_local_ratio", "streamtotal_s3_proxy_zarr_64_cell_chunks",
+                 "streamtotal_zarr"),
+                ("s3_proxy_soma_vs_local_ratio", "streamtotal_s3_proxy_soma", "streamtotal_soma")):
+            local = results.get(local_key, {}).get("cells_per_s")
+            remote = results.get(remote_key, {}).get("cells_per_s")
             if local and remote:
-                ratios[f"s3_proxy_{backend}_vs_local_ratio"] = remote / local
+                ratios[name] = remote / local
         print(json.dumps({
             "benchmark": "loader_throughput",
             "data": {"cells": args.cells, "genes": args.genes, "proteins": args.proteins, "batch_size": BATCH_SIZE,

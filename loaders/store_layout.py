@@ -75,6 +75,12 @@ DENSE_ENCODING = {"encoding-type": "array", "encoding-version": "0.2.0"}
 DICT_ENCODING = {"encoding-type": "dict", "encoding-version": "0.1.0"}
 
 
+OBJECT_STORAGE_CHUNK_CELLS = 1024
+"""Cells per chunk of a store written for object storage. There every chunk is one request, and a request costs
+10-50 ms of latency and a few ms of client and server CPU whatever its size, so chunks of ~1 MB (1,024 cells at
+~250 non-zeros) are what streams fast; the loader then reads runs of as many cells (``StreamConfig.chunk_size``)."""
+
+
 @dataclass(frozen=True)
 class StoreLayoutConfig:
     """How a store's arrays are chunked and compressed. Readers do not need it: zarr records it."""
@@ -112,6 +118,20 @@ class StoreLayoutConfig:
                 "StoreLayoutConfig needs 1 <= min_chunk_elements <= max_chunk_elements, got "
                 f"{self.min_chunk_elements} and {self.max_chunk_elements}"
             )
+
+    @classmethod
+    def for_destination(cls, out_path, chunk_cells: int | None = None) -> StoreLayoutConfig:
+        """The layout for a store written to ``out_path``: ``chunk_cells`` when given, else 64 cells per chunk on
+        local disk and ``OBJECT_STORAGE_CHUNK_CELLS`` on object storage (an ``s3://``-style URL).
+
+        Raises:
+            ValueError: ``chunk_cells`` below 1.
+        """
+        from loaders.object_store import is_url
+
+        if chunk_cells is None:
+            chunk_cells = OBJECT_STORAGE_CHUNK_CELLS if is_url(out_path) else cls.chunk_cells
+        return cls(chunk_cells=int(chunk_cells))
 
     def compressor(self) -> numcodecs.Blosc | None:
         """Returns the numcodecs compressor for every array of the store (None: uncompressed)."""

@@ -28,11 +28,13 @@ class StreamConfig:
     batch_size: int = 256
     """Maximum cells per minibatch; every slot gets the same number of batches, each within 1 cell of the rest."""
 
-    chunk_size: int = 64
-    """Contiguous cells per chunk, the unit of the global shuffle (bigger: faster reads, coarser shuffle)."""
+    chunk_size: int | None = None
+    """Contiguous cells per chunk, the unit of the global shuffle (bigger: faster reads, coarser shuffle). None =
+    64, or on object storage the stores' cells per stored chunk (``read_unit``: each chunk is one request)."""
 
-    io_chunks: int = 64
-    """Chunks read per I/O call (an I/O group); rows are shuffled in memory within a group."""
+    io_chunks: int | None = None
+    """Chunks read per I/O call (an I/O group); rows are shuffled in memory within a group. None = enough for 32
+    chunks and 4,096 cells (64 with 64-cell chunks)."""
 
     shuffle: bool = True
     """Shuffle chunks and rows; False streams ids in order (inference, writing results back)."""
@@ -64,6 +66,8 @@ class StreamConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "chunk_size", "io_chunks", "read_threads"):
             value = getattr(self, name)
+            if value is None and name in ("chunk_size", "io_chunks"):
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"StreamConfig.{name} must be an integer >= 1; got {value!r}")
         for name in ("seed", "num_workers", "prefetch_batches", "ready_batches"):
@@ -71,9 +75,22 @@ class StreamConfig:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise ConfigError(f"StreamConfig.{name} must be an integer >= 0; got {value!r}")
 
+    def resolved(self, collection: Collection) -> StreamConfig:
+        """This configuration with ``chunk_size`` and ``io_chunks`` set where they were left to the data
+        (``read_unit``)."""
+        from dataclasses import replace
+
+        from loaders.read_unit import default_chunk_size, default_io_chunks
+
+        chunk_size = self.chunk_size if self.chunk_size is not None else default_chunk_size(collection)
+        io_chunks = self.io_chunks if self.io_chunks is not None else default_io_chunks(chunk_size)
+        return replace(self, chunk_size=int(chunk_size), io_chunks=int(io_chunks))
+
     @property
     def io_cells(self) -> int:
-        """Cells per I/O group: ``io_chunks * chunk_size``."""
+        """Cells per I/O group: ``io_chunks * chunk_size`` (of a ``resolved`` configuration)."""
+        if self.chunk_size is None or self.io_chunks is None:
+            raise ConfigError("StreamConfig.io_cells needs chunk_size and io_chunks: call resolved(collection)")
         return self.io_chunks * self.chunk_size
 
     @property
@@ -122,6 +139,7 @@ class Stream(torch.utils.data.IterableDataset):
         arr.flags.writeable = False
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size={world_size}); got {rank}")
+        config = config.resolved(collection)
         self.collection, self.ids, self.config = collection, arr, config
         self.rank, self.world_size = int(rank), int(world_size)
         self.n_batches_per_slot = batches_per_slot(arr.size, config.batch_size, world_size * config.slots_per_rank)

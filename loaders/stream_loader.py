@@ -43,9 +43,9 @@ class StreamLoader:
         Raises:
             InvalidIdsError, ConfigError, PlanError: as ``Stream``.
         """
-        self.config = config if config is not None else StreamConfig()
-        self.stream = Stream(collection, ids, self.config, rank=rank, world_size=world_size)
-        cfg = self.config
+        self.stream = Stream(collection, ids, config if config is not None else StreamConfig(), rank=rank,
+                             world_size=world_size)
+        self.config = cfg = self.stream.config  # chunk_size and io_chunks resolved against the data
         self._loader = torch.utils.data.DataLoader(
             self.stream,
             batch_size=None,  # the Stream yields ready CiteBatches

@@ -116,6 +116,12 @@ class ZarrSource(AnnDataLayoutSource):
         self._max_gap = (0 if self._local_reads or (self._rna.remote and self._protein.remote)
                          else max(0, min(self._rna.chunk_cells, self._protein.chunk_cells) // 2))
 
+    @property
+    def read_unit_cells(self) -> int | None:
+        """On object storage, the cells of one stored RNA chunk (each chunk is one request, so shuffled reads take
+        runs this long: ``read_unit``); None on local disk, where any run length reads fast."""
+        return self._rna.chunk_cells if self._rna.remote else None
+
     def _read_rows(self, ids: np.ndarray) -> SourceRows:
         """RNA and protein rows of checked ``ids`` (``StudySource.read``): concurrent zarr reads, in rounds of
         bounded memory."""

@@ -103,10 +103,13 @@ class TrainConfig:
     """Write training metrics to ``metrics.jsonl`` every this many steps."""
     seed: int = 0
     """Seed of the model initialisation, the data order and the validation split."""
-    chunk_size: int = 64
-    """Cells per contiguous chunk: the unit of the global shuffle."""
-    io_chunks: int = 64
-    """Chunks read per I/O batch; rows are shuffled in memory within it."""
+    chunk_size: int | None = None
+    """Cells per contiguous chunk: the unit of the global shuffle. Unset = 64, or on object storage the stores'
+    cells per stored chunk (1,024 for stores ingested for S3), since each stored chunk costs one request."""
+    io_chunks: int | None = None
+    """Chunks read per I/O batch; rows are shuffled in memory within it. Unset = enough for at least 32 chunks and
+    4,096 cells (64 of 64 cells; 32 of 1,024 on object storage). Memory: (prefetch_batches + 1) x io_chunks x
+    chunk_size cells per reader."""
     num_workers: int = 0
     """DataLoader worker processes (0 = read in a background thread of the main process)."""
     prefetch_batches: int | None = None
@@ -148,6 +151,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         for name in ("eps", "chunk_size", "io_chunks", "checkpoint_every_steps", "log_every_steps",
                      "keep_checkpoints"):
+            if name in ("chunk_size", "io_chunks") and getattr(self, name) is None:
+                continue
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16"):

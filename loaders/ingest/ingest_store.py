@@ -106,7 +106,7 @@ def ingest(
     out_path: str | os.PathLike,
     options: IngestOptions | None = None,
     *,
-    layout: StoreLayoutConfig = StoreLayoutConfig(),
+    layout: StoreLayoutConfig | None = None,
     **option_overrides,
 ) -> IngestReport:
     """Converts one input file into a streamtotal zarr store (see ``store_layout``).
@@ -115,7 +115,8 @@ def ingest(
         input_path: h5ad, h5mu or 10x feature-barcode ``.h5`` file.
         out_path: store directory to create (conventionally ``*.zarr``).
         options: how the input is read, checked and written (``IngestOptions``; default: its defaults).
-        layout: chunking and codec of the store.
+        layout: chunking and codec of the store; None = ``StoreLayoutConfig.for_destination(out_path)`` (64 cells
+            per chunk on local disk, 1,024 on object storage, where each chunk is one request).
         **option_overrides: any ``IngestOptions`` field by name (``batch_key="batch", block_cells=4096``),
             replacing that field of ``options``.
 
@@ -134,6 +135,8 @@ def ingest(
     t0 = time.perf_counter()
     reader = open_input(os.fspath(input_path), options)
     try:
+        if layout is None:
+            layout = StoreLayoutConfig.for_destination(out_path)
         return _ingest_open(reader, os.fspath(out_path), t0, options, layout)
     finally:
         reader.close()

@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="obs column of batches; proteins all-zero within a batch are recorded as not measured there")
     p.add_argument("--allow-non-integer", action="store_true",
                    help="accept non-integer counts (e.g. ambient-corrected); NaN and negatives are still refused")
+    p.add_argument("--chunk-cells", type=int, default=None,
+                   help="zarr: cells per stored chunk (default 64 on local disk, 1024 when --out is on object "
+                   "storage, where each chunk is one request; a store for S3 written locally and uploaded should "
+                   "use 1024 too)")
     p.add_argument("--overwrite", action="store_true", help="replace the output store if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -46,6 +50,8 @@ def run(args: argparse.Namespace) -> None:
                   batch_key=args.batch_key, allow_non_integer=args.allow_non_integer, overwrite=args.overwrite,
                   progress=not args.no_progress)
     if args.store_format == "soma":
+        if args.chunk_cells is not None:
+            raise ConfigError("--chunk-cells applies to --format zarr only; TileDB-SOMA chooses its own tiling")
         from loaders.ingest.soma_ingest import ingest_soma
 
         report = ingest_soma(args.input, args.out, append=args.append, study_name=args.study_name, **common)
@@ -54,6 +60,10 @@ def run(args: argparse.Namespace) -> None:
             raise ConfigError("--append and --study-name apply to --format soma only; a Zarr store holds one study "
                               "(train on several stores to combine studies)")
         from loaders.ingest import ingest
+        from loaders.store_layout import StoreLayoutConfig
 
-        report = ingest(args.input, args.out, **common)
+        if args.chunk_cells is not None and args.chunk_cells < 1:
+            raise ConfigError(f"--chunk-cells must be >= 1; got {args.chunk_cells}")
+        layout = StoreLayoutConfig.for_destination(args.out, args.chunk_cells)
+        report = ingest(args.input, args.out, layout=layout, **common)
     print(report)

@@ -1,0 +1,100 @@
+"""Stores for object storage: ingest writes ~1,024-cell chunks there, and streams left to their defaults read runs
+of a stored chunk's cells from it (each chunk is one request), 64-cell runs from local disk (issue 18, part 1)."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from loaders import Collection, StreamConfig, StreamLoader, ZarrSource
+from loaders.errors import ConfigError
+from loaders.ingest import ingest
+from loaders.read_unit import default_io_chunks
+from loaders.store_layout import OBJECT_STORAGE_CHUNK_CELLS, StoreLayoutConfig
+from streamtotal.cli.main import main
+
+LAYOUT = StoreLayoutConfig(chunk_cells=100, min_chunk_elements=8)
+"""Small data, chunks of ~100 cells: a run of the shuffle then spans several stored rows' worth of requests."""
+
+
+@pytest.fixture
+def stores(tmp_path, s3_server, cite):
+    """``(local path, s3 URL)``: one 700-cell store, on disk and uploaded to the moto server."""
+    data = cite.make_cite(n=700, n_genes=40, n_proteins=6, seed=4)
+    cite.write_h5ad(tmp_path / "study.h5ad", data)
+    local = tmp_path / "study.zarr"
+    ingest(tmp_path / "study.h5ad", local, batch_key="batch", layout=LAYOUT, progress=False)
+    fs = s3_server.filesystem()
+    bucket = f"unit-{tmp_path.name.lower().replace('_', '-')[-40:]}"
+    fs.mkdir(bucket)
+    fs.put(str(local), f"{bucket}/study.zarr", recursive=True)
+    return local, f"s3://{bucket}/study.zarr"
+
+
+def _loader(source, config):
+    collection = Collection([source], batch_key="batch")
+    loader = StreamLoader(collection, np.arange(collection.n_obs), config)
+    loader.set_epoch(2)
+    return loader
+
+
+def test_remote_streams_read_runs_of_a_stored_chunk_and_local_ones_64(stores, s3_server):
+    local_path, url = stores
+    local, remote = ZarrSource(local_path), ZarrSource(url, storage_options=s3_server.storage_options())
+    assert local.read_unit_cells is None
+    unit = remote.read_unit_cells
+    # Estimated from the stored data chunk and the mean non-zeros per cell, as the readers count chunk cells.
+    assert unit == remote._rna.chunk_cells and 80 <= unit <= 120
+    on_disk = _loader(local, StreamConfig(batch_size=64, seed=3)).config
+    assert (on_disk.chunk_size, on_disk.io_chunks) == (64, 64)
+    on_s3 = _loader(remote, StreamConfig(batch_size=64, seed=3))
+    assert on_s3.config.chunk_size == unit and on_s3.config.io_chunks == default_io_chunks(unit) == -(-4096 // unit)
+    assert on_s3.config.io_cells >= 4096 and on_s3.config.io_chunks >= 32
+    # Explicit values are kept; the resolved ones are what resume checks (the loader's fingerprint).
+    explicit = _loader(remote, StreamConfig(batch_size=64, seed=3, chunk_size=16, io_chunks=4)).config
+    assert (explicit.chunk_size, explicit.io_chunks) == (16, 4)
+    assert on_s3.state_dict()["fingerprint"]["chunk_size"] == unit
+    # The epoch covers every cell once, and is exactly the local store's epoch with the same resolved settings.
+    same_on_disk = _loader(local, StreamConfig(batch_size=64, seed=3, chunk_size=unit, io_chunks=-(-4096 // unit)))
+    ids = []
+    for x, y in zip(on_s3, same_on_disk, strict=True):
+        for field in ("rna", "protein", "protein_mask", "batch", "cell_id"):
+            assert torch.equal(getattr(x, field), getattr(y, field)), field
+        ids.append(x.cell_id.numpy())
+    assert np.array_equal(np.sort(np.concatenate(ids)), np.arange(700))
+
+
+def test_unresolved_sizes_are_refused_where_a_number_is_needed():
+    with pytest.raises(ConfigError, match="resolved"):
+        StreamConfig().io_cells
+    with pytest.raises(ConfigError, match="chunk_size"):
+        StreamConfig(chunk_size=0)
+
+
+def test_ingest_writes_object_storage_chunks_to_s3_and_cli_chunk_cells_sets_them(tmp_path, s3_server, cite,
+                                                                                monkeypatch):
+    assert StoreLayoutConfig.for_destination(tmp_path / "a.zarr").chunk_cells == 64
+    assert StoreLayoutConfig.for_destination("s3://b/a.zarr").chunk_cells == OBJECT_STORAGE_CHUNK_CELLS == 1024
+    assert StoreLayoutConfig.for_destination("s3://b/a.zarr", 256).chunk_cells == 256
+    # Proteins (6 columns) are stored in chunks of max(chunk_cells, 16,384 / 6) rows: 4,096 shows the setting.
+    data = cite.make_cite(n=300, n_genes=40, n_proteins=6, seed=1)
+    cite.write_h5ad(tmp_path / "study.h5ad", data)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    bucket = f"ingest-{tmp_path.name.lower().replace('_', '-')[-40:]}"
+    s3_server.filesystem().mkdir(bucket)
+    ingest(tmp_path / "study.h5ad", f"s3://{bucket}/s.zarr", batch_key="batch", progress=False)
+    on_s3 = zarr.open_group(f"s3://{bucket}/s.zarr", mode="r", storage_options=s3_server.storage_options())
+    mean_nnz = on_s3["X/indptr"][-1] / 300
+    assert on_s3["X/data"].chunks[0] == max(16_384, round(mean_nnz * 1024))
+    assert main(["ingest", str(tmp_path / "study.h5ad"), "--out", str(tmp_path / "big.zarr"), "--chunk-cells",
+                 "4096", "--no-progress"]) == 0
+    assert main(["ingest", str(tmp_path / "study.h5ad"), "--out", str(tmp_path / "default.zarr"),
+                 "--no-progress"]) == 0
+    assert zarr.open_group(tmp_path / "big.zarr", mode="r")["obsm/protein_expression"].chunks[0] == 4096
+    assert zarr.open_group(tmp_path / "default.zarr", mode="r")["obsm/protein_expression"].chunks[0] == 16_384 // 6
+    assert main(["ingest", str(tmp_path / "study.h5ad"), "--out", str(tmp_path / "bad.zarr"), "--chunk-cells",
+                 "0", "--no-progress"]) == 2
+    assert not (tmp_path / "bad.zarr").exists()
