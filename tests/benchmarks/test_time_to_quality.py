@@ -1,0 +1,75 @@
+"""benchmarks/time_to_quality.py's smoke run (``--quick``): one JSON object whose figures agree with each other."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "time_to_quality.py"
+PBMC = REPO / ".." / "shared" / "data" / "pbmc10k_cite.h5ad"
+
+
+def _check_dataset(entry: dict, cap: int) -> None:
+    scvi, st = entry["scvi_tools"], entry["streamtotal"]
+    data = entry["data"]
+    assert data["validation_cells"] == round(0.1 * data["cells"])
+    assert data["training_cells"] + data["validation_cells"] == data["cells"]
+
+    # scvi-tools: its own -ELBO, checked term by term.
+    assert 1 <= scvi["epochs"] <= cap
+    assert 0 < scvi["setup_seconds"] < scvi["wall_seconds"]
+    assert math.isfinite(scvi["val_neg_elbo"]) and scvi["elbo_terms_sum_matches"]
+    assert set(scvi["elbo_terms"]) == {"reconst_loss_gene", "reconst_loss_protein", "kl_div_z", "kl_div_l_gene",
+                                       "kl_div_back_pro"}
+    assert 0.0 <= scvi["bio_conservation"] <= 1.0
+
+    # streamtotal: the target is scvi-tools' final value; the reached epoch is the first at or below it.
+    full = st["full_run"]
+    assert st["target_val_neg_elbo"] == scvi["val_neg_elbo"]
+    assert full["elbo_terms_sum_matches"] and full["epochs"] <= cap
+    log = st["epochs_log"]
+    assert [row["epoch"] for row in log] == list(range(1, full["epochs"] + 1))
+    seconds = [row["seconds"] for row in log]
+    assert seconds == sorted(seconds) and full["setup_seconds"] < seconds[0] <= full["wall_seconds"]
+    assert st["best_val_neg_elbo"] == min(row["val_neg_elbo"] for row in log)
+    assert log[-1]["val_neg_elbo"] == full["val_neg_elbo"]
+    target = st["target_val_neg_elbo"]
+    if st["time_to_target_seconds"] is None:
+        assert all(row["val_neg_elbo"] > target for row in log)
+        assert entry["wall_time_ratio"] is None and st["bio_conservation_at_target"] is None
+        assert entry["goal_met"]["both"] is False
+        return
+    reached = log[st["epoch_reached"] - 1]
+    assert all(row["val_neg_elbo"] > target for row in log[: st["epoch_reached"] - 1])
+    assert st["val_neg_elbo_at_target"] == reached["val_neg_elbo"] <= target
+    assert st["time_to_target_seconds"] == reached["seconds"]
+    assert entry["wall_time_ratio"] == st["time_to_target_seconds"] / scvi["wall_seconds"]
+    assert 0.0 <= st["bio_conservation_at_target"] <= 1.0
+    goal = entry["goal_met"]
+    assert goal["wall_time_ratio_at_most_0.2"] == (entry["wall_time_ratio"] <= 0.2)
+    assert goal["bio_conservation_no_lower"] == (st["bio_conservation_at_target"] >= scvi["bio_conservation"])
+    assert goal["both"] == (goal["wall_time_ratio_at_most_0.2"] and goal["bio_conservation_no_lower"])
+
+
+def test_quick_run_prints_one_consistent_json_object(tmp_path):
+    datasets = "pbmc10k,simulated_100k" if PBMC.exists() else "simulated_100k"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--datasets", datasets, "--workdir",
+                           str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)  # the whole of stdout is one JSON object; progress went to stderr
+    assert report["benchmark"] == "time_to_quality" and report["quick"] is True
+    assert set(report["datasets"]) == set(datasets.split(","))
+    for entry in report["datasets"].values():
+        _check_dataset(entry, report["max_epochs_cap"])
+    # Both methods were given the same held-out cells, and they are the ones streamtotal validated on (the
+    # script stops with an error otherwise).
+    for name in report["datasets"]:
+        assert (tmp_path / name / "val_ids.npy").is_file()
+
+
+def test_unknown_dataset_is_refused():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--datasets", "pbmc3k"], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 2 and "pbmc3k" in proc.stderr
