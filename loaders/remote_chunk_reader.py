@@ -22,7 +22,7 @@ import zarr
 from zarr.storage import FsspecStore
 
 from loaders.errors import StoreFormatError
-from loaders.zarr_chunk_reader import ABSENT_CHUNKS, LocalChunkReader
+from loaders.zarr_chunk_reader import LocalChunkReader, plain_v2_dtype
 
 FETCH_CONCURRENCY = 64
 """Chunk requests one read keeps in flight at most. With ~20 ms of latency a request, 64 in flight fetch a
@@ -59,19 +59,12 @@ class RemoteChunkReader(LocalChunkReader):
         Raises:
             ValueError: an unknown ``absent_chunks``.
         """
-        if absent_chunks not in ABSENT_CHUNKS:
-            raise ValueError(f"absent_chunks must be one of {ABSENT_CHUNKS}, got {absent_chunks!r}")
-        meta = array.metadata
+        dtype = plain_v2_dtype(array, absent_chunks)
         store = array.store
-        if meta.zarr_format != 2 or not isinstance(store, FsspecStore) or not store.fs.async_impl:
-            return None
-        dtype = np.dtype(meta.dtype.to_native_dtype())
-        if dtype.kind not in "biuf" or len(meta.shape) not in (1, 2):
-            return None
-        if len(meta.shape) == 2 and meta.chunks[1] < meta.shape[1]:
+        if dtype is None or not isinstance(store, FsspecStore) or not store.fs.async_impl:
             return None
         root = f"{store.path.rstrip('/')}/{array.path}" if array.path else store.path
-        return cls(store.fs, root, meta, dtype, absent_chunks=absent_chunks, where=where or store.path,
+        return cls(store.fs, root, array.metadata, dtype, absent_chunks=absent_chunks, where=where or store.path,
                    key_prefix=f"{array.path}/" if array.path else "")
 
     def chunk_indices(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:

@@ -30,6 +30,26 @@ ABSENT_CHUNKS = ("fill", "error")
 """What an absent chunk file means: the fill value (zarr's rule), or a lost file (an error)."""
 
 
+def plain_v2_dtype(array: zarr.Array, absent_chunks: str) -> np.dtype | None:
+    """The native dtype of ``array`` when its chunks can be decoded directly (zarr format 2, numeric, 1-D or
+    chunked along rows only), else None (zarr's own reads then).
+
+    Raises:
+        ValueError: an unknown ``absent_chunks``.
+    """
+    if absent_chunks not in ABSENT_CHUNKS:
+        raise ValueError(f"absent_chunks must be one of {ABSENT_CHUNKS}, got {absent_chunks!r}")
+    meta = array.metadata
+    if meta.zarr_format != 2:
+        return None
+    dtype = np.dtype(meta.dtype.to_native_dtype())
+    if dtype.kind not in "biuf" or len(meta.shape) not in (1, 2):
+        return None
+    if len(meta.shape) == 2 and meta.chunks[1] < meta.shape[1]:
+        return None
+    return dtype
+
+
 class LocalChunkReader:
     """Reads ``[start, stop)`` row ranges (axis 0) of one local zarr v2 array."""
 
@@ -74,18 +94,11 @@ class LocalChunkReader:
         Raises:
             ValueError: an unknown ``absent_chunks``.
         """
-        if absent_chunks not in ABSENT_CHUNKS:
-            raise ValueError(f"absent_chunks must be one of {ABSENT_CHUNKS}, got {absent_chunks!r}")
-        meta = array.metadata
+        dtype = plain_v2_dtype(array, absent_chunks)
         store = array.store
-        if meta.zarr_format != 2 or not isinstance(store, LocalStore):
+        if dtype is None or not isinstance(store, LocalStore):
             return None
-        dtype = np.dtype(meta.dtype.to_native_dtype())
-        if dtype.kind not in "biuf" or len(meta.shape) not in (1, 2):
-            return None
-        if len(meta.shape) == 2 and meta.chunks[1] < meta.shape[1]:
-            return None
-        return cls(Path(store.root) / array.path, meta, dtype, absent_chunks=absent_chunks,
+        return cls(Path(store.root) / array.path, array.metadata, dtype, absent_chunks=absent_chunks,
                    where=where or os.fspath(store.root))
 
     def read_ranges(self, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:

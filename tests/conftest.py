@@ -116,3 +116,31 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def _small_simulation():
+    # Imported here, not at the top: this conftest is loaded for every test file, most of which never simulate.
+    from streamtotal.simulate import SimulationConfig
+
+    return SimulationConfig(n_cells=700, n_genes=60, n_proteins=8, n_cell_types=3, n_batches=2, n_missing_proteins=2,
+                            block_cells=300, seed=1)
+
+
+@pytest.fixture(scope="session")
+def small_sim():
+    """A small two-batch simulation whose last batch lacks two proteins (its true cell types and parameters)."""
+    from streamtotal.simulate import CiteSimulator
+
+    return CiteSimulator(_small_simulation())
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory, small_sim):
+    """A real Zarr store of ``small_sim``, written once per session (read-only: tests copy it before changing it).
+    tests/inference has its own, smaller one."""
+    from streamtotal.cli.simulate_cmd import write_simulation
+
+    path = tmp_path_factory.mktemp("stores") / "small.zarr"
+    write_simulation(small_sim, path, progress=False)
+    return path
+

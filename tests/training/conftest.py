@@ -1,4 +1,4 @@
-"""A small simulated store and a run trained on it (built once), and a runner of the real command line."""
+"""A run trained on ``small_store`` (tests/conftest.py; built once), and a runner of the real command line."""
 
 import os
 import subprocess
@@ -6,14 +6,9 @@ import sys
 
 import pytest
 
-from streamtotal.cli.simulate_cmd import write_simulation
 from streamtotal.config import DataConfig, RunConfig, TrainConfig
 from streamtotal.model.config import ModelConfig
-from streamtotal.simulate import CiteSimulator, SimulationConfig
 from streamtotal.training.trainer import Trainer
-
-SMALL = SimulationConfig(n_cells=700, n_genes=60, n_proteins=8, n_cell_types=3, n_batches=2, n_missing_proteins=2,
-                         block_cells=300, seed=1)
 
 
 @pytest.fixture(autouse=True)
@@ -34,20 +29,6 @@ def run_config():
     """``run_config(store, **train_changes)``: the config of ``trained_run`` (10 steps an epoch, a checkpoint every
     3 steps, two epochs), with changes to [train]."""
     return _run_config
-
-
-@pytest.fixture(scope="session")
-def small_sim():
-    """The simulator behind ``small_store`` (its true cell types and parameters)."""
-    return CiteSimulator(SMALL)
-
-
-@pytest.fixture(scope="session")
-def small_store(tmp_path_factory):
-    """A real Zarr store of a small two-batch simulation (read-only: tests copy it before changing it)."""
-    path = tmp_path_factory.mktemp("stores") / "small.zarr"
-    write_simulation(CiteSimulator(SMALL), path, progress=False)
-    return path
 
 
 @pytest.fixture(scope="session")
