@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import peak_rss_mib
+from _common import child_result, peak_rss_mib
 
 LATENT_KEY = "X_api_memory"
 """``obsm`` key the latent is written to."""
@@ -93,10 +93,10 @@ def run_child(mode: str, run: Path, store: Path) -> dict:
     """Runs one measurement in a fresh process and returns its RESULT line."""
     proc = subprocess.run([sys.executable, __file__, "--child", mode, "--run", str(run), "--store", str(store)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
+    result = child_result(proc.stdout)
+    if proc.returncode != 0 or result is None:
         raise SystemExit(f"{mode} on {store} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return result
 
 
 def simulate(path: Path, cells: int, args: argparse.Namespace) -> Path:

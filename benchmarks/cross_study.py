@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import child_result
+
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pbmc10k_cite.h5ad"
 RNA_KEEP, PROTEIN_KEEP = 0.35, 0.50
 GENE_DROP_FRACTION = 0.13
@@ -333,8 +335,7 @@ def main() -> None:
                 proc = subprocess.run([sys.executable, __file__, "--only", method, "--workdir", str(work),
                                        "--epochs", str(args.epochs), "--seed", str(seed)],
                                       capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                result = json.loads(lines[-1][7:]) if lines else {"error": (proc.stderr or proc.stdout)[-2000:]}
+                result = child_result(proc.stdout) or {"error": (proc.stderr or proc.stdout)[-2000:]}
                 results[method].append({"seed": seed, **result})
                 print(json.dumps({"seed": seed, "method": method, **result}), file=sys.stderr, flush=True)
     labels = {m: _mean(results[m], ("accuracy", "macro_f1", "coarse_accuracy", "coarse_macro_f1"))

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import peak_rss_mib
+from _common import child_result, peak_rss_mib
 
 
 def child(args: argparse.Namespace) -> None:
@@ -68,10 +68,9 @@ def main() -> None:
     proc = subprocess.run([sys.executable, __file__, "--child", "--run", str(run), "--store", str(stores[args.cells]),
                            "--what", args.what], capture_output=True, text=True,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
+    result = child_result(proc.stdout)
+    if proc.returncode != 0 or result is None:
         raise SystemExit(proc.stderr[-3000:])
-    result = json.loads(lines[-1][len("RESULT "):])
     print(json.dumps({"benchmark": "denoise_memory", "cpu_count": os.cpu_count(), "what": args.what.split(","),
                       "genes": args.genes, "proteins": args.proteins, "model_train_seconds": train_seconds,
                       **result, "under_2_gib": result["peak_rss_mib"] < 2048}, indent=1))

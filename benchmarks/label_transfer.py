@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import child_result
+
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pbmc10k_cite.h5ad"
 
 
@@ -157,8 +159,7 @@ def main() -> None:
                                        str(args.epochs), "--query-epochs", str(args.query_epochs), "--seed",
                                        str(seed)], capture_output=True, text=True,
                                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                result = json.loads(lines[-1][7:]) if lines else {"error": (proc.stderr or proc.stdout)[-2000:]}
+                result = child_result(proc.stdout) or {"error": (proc.stderr or proc.stdout)[-2000:]}
                 results[key].append({"seed": seed, **result})
                 print(json.dumps({"seed": seed, "method": key, **result}), file=sys.stderr, flush=True)
         summary = {key: _mean_scores(runs) for key, runs in results.items()}

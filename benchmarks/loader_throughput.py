@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import peak_rss_mib
+from _common import child_result, peak_rss_mib
 from latency_proxy import LatencyProxy
 
 BATCH_SIZE = 256
@@ -286,10 +286,10 @@ def measure(name: str, runner: str, target: str, work: Path, num_workers: int, e
            "--num-workers", str(num_workers)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {}),
                                                                     "PYTHONWARNINGS": "ignore"})
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
+    result = child_result(proc.stdout)
+    if proc.returncode != 0 or result is None:
         return {"error": (proc.stderr or proc.stdout)[-1500:]}
-    return json.loads(lines[-1][len("RESULT "):])
+    return result
 
 
 def main() -> None:

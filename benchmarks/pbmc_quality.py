@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import child_result
+
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pbmc10k_cite.h5ad"
 MARKERS = {"CD19_TotalSeqB": "B", "CD14_TotalSeqB": "CD14 mono"}
 
@@ -131,8 +133,7 @@ def main() -> None:
                                    "--seed", str(args.seed)],
                                   capture_output=True, text=True,
                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            results[name] = json.loads(lines[-1][7:]) if lines else {"error": proc.stderr[-2000:]}
+            results[name] = child_result(proc.stdout) or {"error": proc.stderr[-2000:]}
         print(json.dumps({"benchmark": "pbmc_quality", "data": args.data, "epochs": args.epochs,
                           "streamtotal": results["streamtotal"], "scvi_tools": results["scvi"]}, indent=1))
 

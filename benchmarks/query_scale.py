@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import peak_rss_mib
+from _common import child_result, peak_rss_mib
 
 SIM_ARGS = {"cell_types": 6, "batches": 8, "missing_proteins": 5, "seed": 0}  # as benchmarks/ddp_scaling.py
 
@@ -99,11 +99,11 @@ def run_child(tag: str, args: argparse.Namespace, reference: Path, query: Path, 
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     wall = time.perf_counter() - t
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    result = child_result(proc.stdout)
     expected = -signal.SIGKILL if kill_fraction else 0
-    if proc.returncode != expected or not lines:
+    if proc.returncode != expected or result is None:
         raise SystemExit(f"map {tag} exited with {proc.returncode} (expected {expected}):\n{proc.stderr[-4000:]}")
-    return {**json.loads(lines[-1][len("RESULT "):]), "returncode": proc.returncode, "wall_seconds": wall}
+    return {**result, "returncode": proc.returncode, "wall_seconds": wall}
 
 
 # ---------------------------------------------------------------------------------------------- data and reference

@@ -67,7 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import peak_rss_mib
+from _common import child_result, peak_rss_mib
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pbmc10k_cite.h5ad"
 DATASETS = ("pbmc10k", "simulated_100k")
@@ -305,11 +305,11 @@ def _spawn(args: argparse.Namespace, work: Path, only: str, target: float | None
         cmd += ["--target", repr(target)]
     cmd += ["--t0", repr(time.time())]  # last: the clock starts as the process is created
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
+    result = child_result(proc.stdout)
+    if proc.returncode != 0 or result is None:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"{only} run failed on {work.name}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return result
 
 
 def compare(meta: dict, scvi: dict, st: dict) -> dict:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import peak_rss_mib
+from _common import child_result, peak_rss_mib
 
 
 def prepare(args: argparse.Namespace, work: Path) -> None:
@@ -159,11 +159,11 @@ def _run_one(args: argparse.Namespace, work: Path, only: str, precision: str) ->
            "--seed", str(args.seed), "--num-workers", str(args.num_workers), "--precision", precision,
            "--batch-size", str(args.batch_size), "--device", args.device]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
+    result = child_result(proc.stdout)
+    if proc.returncode != 0 or result is None:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"{only} ({precision}) run failed")
-    return json.loads(lines[-1][len("RESULT "):])
+    return result
 
 
 def summarize(args: argparse.Namespace, work: Path, rounds: list[dict]) -> dict:
