@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -16,6 +16,7 @@ from loaders.collection import Collection
 from loaders.errors import ConfigError, InvalidIdsError
 from loaders.plan import EpochPlan, batches_per_slot, plan_epoch
 from loaders.prefetch import prefetch
+from loaders.read_unit import default_chunk_size, default_io_chunks
 from loaders.thread_priority import lower_current_thread_priority
 
 _TAG_ROWS = 0x5EED_B0
@@ -78,10 +79,6 @@ class StreamConfig:
     def resolved(self, collection: Collection) -> StreamConfig:
         """This configuration with ``chunk_size`` and ``io_chunks`` set where they were left to the data
         (``read_unit``)."""
-        from dataclasses import replace
-
-        from loaders.read_unit import default_chunk_size, default_io_chunks
-
         chunk_size = self.chunk_size if self.chunk_size is not None else default_chunk_size(collection)
         io_chunks = self.io_chunks if self.io_chunks is not None else default_io_chunks(chunk_size)
         return replace(self, chunk_size=int(chunk_size), io_chunks=int(io_chunks))

@@ -29,6 +29,25 @@ class S3Server:
 
         return s3fs.S3FileSystem(**self.storage_options())
 
+    def set_environment(self, monkeypatch) -> None:
+        """Points botocore's usual ``AWS_*`` variables at this server, for code given only an ``s3://`` URL."""
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", self.key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", self.secret)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", self.region)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", self.endpoint_url)
+
+    def new_bucket(self, prefix: str, tmp_path: Path) -> str:
+        """Creates a bucket named ``prefix`` plus the test's temp folder name (unique per test); returns its name."""
+        bucket = f"{prefix}-{tmp_path.name.lower().replace('_', '-')[-40:]}"
+        self.filesystem().mkdir(bucket)
+        return bucket
+
+    def upload(self, local: Path, prefix: str, tmp_path: Path) -> str:
+        """Copies the folder ``local`` into a ``new_bucket``; returns its ``s3://`` URL."""
+        bucket = self.new_bucket(prefix, tmp_path)
+        self.filesystem().put(str(local), f"{bucket}/{local.name}", recursive=True)
+        return f"s3://{bucket}/{local.name}"
+
 
 def _free_port() -> int:
     with socket.socket() as s:

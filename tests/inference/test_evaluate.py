@@ -32,6 +32,13 @@ def report_dir(trained_run, small_store, tmp_path_factory):
     return out
 
 
+def _sampled_cells(report_dir):
+    """The report's sampled cells (``cells.csv``): global ids and labels."""
+    with open(report_dir / "cells.csv") as f:
+        rows = list(csv.DictReader(f))
+    return np.array([int(r["cell_id"]) for r in rows]), np.array([r["label"] for r in rows])
+
+
 def test_folder_holds_a_page_that_opens_every_figure(report_dir):
     names = {p.name for p in report_dir.iterdir()}
     assert {"index.html", "metrics.json", "umap.png", "training_curves.png", "protein_foreground.png",
@@ -70,10 +77,7 @@ def test_metrics_are_scib_aggregates_in_range(report_dir):
 def test_heat_map_is_the_mean_foreground_probability_per_label(report_dir, trained, small_store):
     metrics = json.loads((report_dir / "metrics.json").read_text())
     heat = metrics["protein_foreground"]
-    with open(report_dir / "cells.csv") as f:
-        rows = list(csv.DictReader(f))
-    ids = np.array([int(r["cell_id"]) for r in rows])
-    labels = np.array([r["label"] for r in rows])
+    ids, labels = _sampled_cells(report_dir)
     post = StorePosterior(trained, small_store, batch_size=64, device="cpu", progress=False)
     fg = post.protein_foreground_probability(ids)
     expected = np.stack([fg[labels == name].mean(axis=0) for name in heat["labels"]])
@@ -90,10 +94,7 @@ def test_imputed_against_measured_is_the_direct_computation(report_dir, trained,
     beside the model's imputed values in this one, each recomputed here from the posterior and the counts."""
     metrics = json.loads((report_dir / "metrics.json").read_text())
     section = metrics["protein_imputation"]
-    with open(report_dir / "cells.csv") as f:
-        rows = list(csv.DictReader(f))
-    ids = np.array([int(r["cell_id"]) for r in rows])
-    labels = np.array([r["label"] for r in rows])
+    ids, labels = _sampled_cells(report_dir)
     # Draws are a function of the batch size (blocks of store rows): the report's default, 1024.
     post = StorePosterior(trained, small_store, batch_size=1024, device="cpu", progress=False)
     measured = post.collection.protein_mask(ids)

@@ -24,11 +24,7 @@ def stores(tmp_path, s3_server, cite):
     cite.write_h5ad(tmp_path / "study.h5ad", data)
     local = tmp_path / "study.zarr"
     ingest(tmp_path / "study.h5ad", local, batch_key="batch", layout=LAYOUT, progress=False)
-    fs = s3_server.filesystem()
-    bucket = f"unit-{tmp_path.name.lower().replace('_', '-')[-40:]}"
-    fs.mkdir(bucket)
-    fs.put(str(local), f"{bucket}/study.zarr", recursive=True)
-    return local, f"s3://{bucket}/study.zarr"
+    return local, s3_server.upload(local, "unit", tmp_path)
 
 
 def _loader(source, config):
@@ -79,12 +75,8 @@ def test_ingest_writes_object_storage_chunks_to_s3_and_cli_chunk_cells_sets_them
     # Proteins (6 columns) are stored in chunks of max(chunk_cells, 16,384 / 6) rows: 4,096 shows the setting.
     data = cite.make_cite(n=300, n_genes=40, n_proteins=6, seed=1)
     cite.write_h5ad(tmp_path / "study.h5ad", data)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
-    bucket = f"ingest-{tmp_path.name.lower().replace('_', '-')[-40:]}"
-    s3_server.filesystem().mkdir(bucket)
+    s3_server.set_environment(monkeypatch)
+    bucket = s3_server.new_bucket("ingest", tmp_path)
     ingest(tmp_path / "study.h5ad", f"s3://{bucket}/s.zarr", batch_key="batch", progress=False)
     on_s3 = zarr.open_group(f"s3://{bucket}/s.zarr", mode="r", storage_options=s3_server.storage_options())
     mean_nnz = on_s3["X/indptr"][-1] / 300

@@ -23,11 +23,7 @@ def stores(tmp_path, s3_server, cite):
     cite.write_h5ad(tmp_path / "study.h5ad", data)
     local = tmp_path / "study.zarr"
     ingest(tmp_path / "study.h5ad", local, batch_key="batch", layout=SMALL, progress=False)
-    fs = s3_server.filesystem()
-    bucket = f"conc-{tmp_path.name.lower().replace('_', '-')[-40:]}"
-    fs.mkdir(bucket)
-    fs.put(str(local), f"{bucket}/study.zarr", recursive=True)
-    return local, f"s3://{bucket}/study.zarr", data
+    return local, s3_server.upload(local, "conc", tmp_path), data
 
 
 def _epoch(source, seed):

@@ -16,14 +16,9 @@ from loaders.prefix_publish import ROOT_METADATA
 def bucket(s3_server, monkeypatch, tmp_path):
     """A fresh bucket, botocore's usual environment pointing at the server, and the working directory in tmp_path
     (where a store wrongly written locally would appear as ``s3:/...``)."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    s3_server.set_environment(monkeypatch)
     monkeypatch.chdir(tmp_path)
-    name = f"stores-{tmp_path.name.lower().replace('_', '-')[-40:]}"
-    s3_server.filesystem().mkdir(name)
-    return name
+    return s3_server.new_bucket("stores", tmp_path)
 
 
 @pytest.fixture

@@ -15,11 +15,7 @@ def local_and_s3_store(tmp_path, s3_server, cite):
     cite.write_h5ad(h5ad, data)
     local = tmp_path / "study.zarr"
     ingest(h5ad, local, batch_key="batch", progress=False)
-    fs = s3_server.filesystem()
-    bucket = f"bucket-{tmp_path.name.lower().replace('_', '-')[-40:]}"
-    fs.mkdir(bucket)
-    fs.put(str(local), f"{bucket}/study.zarr", recursive=True)
-    return local, f"s3://{bucket}/study.zarr"
+    return local, s3_server.upload(local, "bucket", tmp_path)
 
 
 def _epoch(source, seed=3, epoch=1):
@@ -49,10 +45,7 @@ def test_s3_store_reads_the_same_rows_and_batches_as_local(local_and_s3_store, s
 
 def test_s3_credentials_and_endpoint_come_from_the_usual_environment(local_and_s3_store, s3_server, monkeypatch):
     local_path, url = local_and_s3_store
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    s3_server.set_environment(monkeypatch)
     remote = ZarrSource(url)  # no storage_options: botocore's usual chain supplies everything
     ids = np.arange(10, 20)
     assert (remote.read(ids).rna != ZarrSource(local_path).read(ids).rna).nnz == 0

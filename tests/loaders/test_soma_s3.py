@@ -27,16 +27,13 @@ def test_an_experiment_on_s3_reads_exactly_as_on_local_disk(tmp_path, s3_server,
     cite.write_h5ad(tmp_path / "study.h5ad", data)
     local = tmp_path / "study.soma"
     ingest_soma(tmp_path / "study.h5ad", local, batch_key="batch", block_cells=11, progress=False)
-    fs = s3_server.filesystem()
-    bucket = f"soma-{tmp_path.name.lower().replace('_', '-')[-40:]}"
-    fs.mkdir(bucket)
-    fs.put(str(local), f"{bucket}/study.soma", recursive=True)
+    url = s3_server.upload(local, "soma", tmp_path)
     env = {"AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_DEFAULT_REGION": s3_server.region}
     config = {
         **tiledb_s3_config_from_env(env),
         "vfs.s3.aws_access_key_id": s3_server.key, "vfs.s3.aws_secret_access_key": s3_server.secret,
     }
-    remote = SomaSource(f"s3://{bucket}/study.soma", context=config)
+    remote = SomaSource(url, context=config)
     in_use = remote._context.tiledb_config
     assert in_use["sm.io_concurrency_level"] == S3_READ_CONFIG_DEFAULTS["sm.io_concurrency_level"]
     on_disk = SomaSource(local)

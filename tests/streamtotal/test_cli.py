@@ -44,10 +44,7 @@ def test_train_streams_from_an_s3_url_with_credentials_from_the_environment(smal
     fs = s3_server.filesystem()
     fs.mkdir("cli-bucket")
     fs.put(str(small_store), "cli-bucket/small.zarr", recursive=True)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    s3_server.set_environment(monkeypatch)
     run = tmp_path / "run"
     assert main(["train", "s3://cli-bucket/small.zarr", "--out", str(run), "--batch-key", "batch", "--epochs", "1",
                  "--batch-size", "64", "--n-latent", "3", "--no-progress"]) == 0

@@ -44,9 +44,8 @@ def sim_h5ad(tmp_path):
 
 
 def test_ingest_train_kill_resume_and_embed_with_everything_on_s3(sim_h5ad, s3_server, tmp_path, monkeypatch):
-    bucket = f"cli-{tmp_path.name.lower().replace('_', '-')[-40:]}"
+    bucket = s3_server.new_bucket("cli", tmp_path)
     fs = s3_server.filesystem()
-    fs.mkdir(bucket)
     env, cwd = _s3_env(s3_server), tmp_path
     store = f"s3://{bucket}/sim.zarr"
     _ok(_cli(["ingest", sim_h5ad, "--out", store, "--batch-key", "batch", "--no-progress"], env, cwd))

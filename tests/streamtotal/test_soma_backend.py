@@ -73,10 +73,7 @@ def test_soma_experiment_on_s3_reads_like_local(h5ads, tmp_path, s3_server, monk
     fs = s3_server.filesystem()
     fs.mkdir("soma-bucket")
     fs.put(str(soma), "soma-bucket/one.soma", recursive=True)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    s3_server.set_environment(monkeypatch)
     local, remote = open_source(str(soma)), open_source("s3://soma-bucket/one.soma")
     assert remote.n_obs == local.n_obs == 300
     np.testing.assert_array_equal(remote.gene_names, local.gene_names)

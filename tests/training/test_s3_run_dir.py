@@ -16,14 +16,9 @@ from streamtotal.training.trainer import Trainer
 def s3_env(s3_server, monkeypatch, tmp_path):
     """botocore's usual environment pointing at the test server, a fresh bucket, and the working directory in
     tmp_path (so a run directory wrongly written locally would show up there as ``s3:/...``)."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    s3_server.set_environment(monkeypatch)
     monkeypatch.chdir(tmp_path)
-    bucket = f"runs-{tmp_path.name.lower().replace('_', '-')[-40:]}"
-    s3_server.filesystem().mkdir(bucket)
-    return bucket
+    return s3_server.new_bucket("runs", tmp_path)
 
 
 def _config(store, **train):
