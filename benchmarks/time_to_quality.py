@@ -51,6 +51,14 @@ stdout; progress on stderr.
 Smoke run (a few hundred cells, 3 epochs each; about a minute or two):
 
     python benchmarks/time_to_quality.py --quick
+
+Exploring other settings (how the defaults were chosen): ``--train-option KEY=VALUE`` sets a [train] key for
+streamtotal (repeatable), ``--stop-at-target`` ends its run at the target epoch, and ``--scvi-result REPORT``
+reuses scvi-tools' entry from an earlier report of the same data, seed and scvi-tools version (refused otherwise)
+instead of training it again; the report records all three. For example:
+
+    python benchmarks/time_to_quality.py --datasets pbmc10k --scvi-result earlier.json --stop-at-target \
+        --train-option kl_warmup_fraction=0.5
 """
 
 from __future__ import annotations
@@ -206,6 +214,27 @@ def _scvi_elbo_terms(model, adata, ids: np.ndarray, seed: int) -> dict:
     return {key: value / max(n, 1) for key, value in sums.items()}
 
 
+def train_options(pairs: list[str]) -> dict:
+    """``--train-option KEY=VALUE`` pairs as TrainConfig keyword arguments (values parsed as JSON, else kept as
+    text): to explore settings other than the defaults; the report records them."""
+    from dataclasses import fields
+
+    from streamtotal.config import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--train-option {pair!r}: expected KEY=VALUE with KEY a [train] setting "
+                             f"({', '.join(sorted(known))})")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
+
+
 def run_streamtotal(args: argparse.Namespace, work: Path) -> dict:
     """streamtotal with its default training; the wall time and validation -ELBO after every epoch, from this
     process's start (ingest included); the weights at the first epoch that reaches ``args.target``."""
@@ -234,6 +263,8 @@ def run_streamtotal(args: argparse.Namespace, work: Path) -> dict:
             self.log.append({"epoch": self.epoch, "seconds": time.time() - args.t0, "val_neg_elbo": value})
             if self.snapshot is None and value is not None and value <= args.target:
                 self.snapshot = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                if args.stop_at_target:  # exploring settings: the rest of the run is not needed
+                    self.stopped_early = True
 
     meta = json.loads((work / "meta.json").read_text())
     tune_process_for_training(args.device)  # what `streamtotal train` does on CPU
@@ -245,7 +276,7 @@ def run_streamtotal(args: argparse.Namespace, work: Path) -> dict:
     max_epochs = (None if args.max_epochs_cap is None
                   else min(TrainConfig().epochs_for(meta["training_cells"]), args.max_epochs_cap))
     train = TrainConfig(max_epochs=max_epochs, validation_fraction=VALIDATION_FRACTION, seed=args.seed,
-                        progress=False, device=args.device)
+                        progress=False, device=args.device, **train_options(args.train_option))
     config = RunConfig(data=DataConfig(stores=(str(store),), batch_key=meta["batch_key"]), train=train)
     trainer = EpochClock(config, run_dir)
     setup = time.time() - args.t0
@@ -303,6 +334,10 @@ def _spawn(args: argparse.Namespace, work: Path, only: str, target: float | None
         cmd += ["--max-epochs-cap", str(args.max_epochs_cap)]
     if target is not None:
         cmd += ["--target", repr(target)]
+    for pair in args.train_option:
+        cmd += ["--train-option", pair]
+    if args.stop_at_target:
+        cmd += ["--stop-at-target"]
     cmd += ["--t0", repr(time.time())]  # last: the clock starts as the process is created
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     result = child_result(proc.stdout)
@@ -310,6 +345,20 @@ def _spawn(args: argparse.Namespace, work: Path, only: str, target: float | None
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"{only} run failed on {work.name}")
     return result
+
+
+def _reused_scvi(args: argparse.Namespace, name: str, meta: dict) -> dict:
+    """scvi-tools' entry for ``name`` from an earlier report, refused unless its data, seed and version match."""
+    import scvi
+
+    earlier = json.loads(Path(args.scvi_result).read_text())
+    entry = earlier.get("datasets", {}).get(name)
+    if entry is None or earlier.get("seed") != args.seed or earlier.get("quick") != args.quick:
+        raise SystemExit(f"--scvi-result {args.scvi_result}: no {name} entry for seed {args.seed}")
+    same = {k: entry["data"][k] for k in ("cells", "genes", "training_cells", "validation_cells")}
+    if same != {k: meta[k] for k in same} or entry["scvi_tools"].get("version") != scvi.__version__:
+        raise SystemExit(f"--scvi-result {args.scvi_result}: its {name} data or scvi-tools version differ")
+    return {**entry["scvi_tools"], "reused": True}
 
 
 def compare(meta: dict, scvi: dict, st: dict) -> dict:
@@ -337,6 +386,15 @@ def main() -> None:
     p.add_argument("--max-epochs-cap", type=int, help="smoke runs only: at most this many epochs for each method")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK_CELLS} cells per data set, at most {QUICK_EPOCHS} epochs")
+    p.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="streamtotal: a [train] setting other than its default (repeatable), e.g. "
+                        "kl_warmup_fraction=0.5; the report lists them")
+    p.add_argument("--stop-at-target", action="store_true",
+                   help="streamtotal: stop training at the first epoch that reaches scvi-tools' value (exploring "
+                        "settings; the full-run figures then describe the shortened run)")
+    p.add_argument("--scvi-result", help="reuse scvi-tools' entry from this earlier report of the same data, seed "
+                                         "and scvi-tools version instead of training it again (exploring "
+                                         "settings; the report says so)")
     p.add_argument("--only", choices=["scvi", "streamtotal"], help=argparse.SUPPRESS)
     p.add_argument("--t0", type=float, help=argparse.SUPPRESS)
     p.add_argument("--target", type=float, help=argparse.SUPPRESS)
@@ -359,13 +417,15 @@ def main() -> None:
         report = {"benchmark": "time_to_quality", "quick": args.quick, "seed": args.seed, "device": args.device,
                   "max_epochs_cap": args.max_epochs_cap, "validation_fraction": VALIDATION_FRACTION,
                   "goal": f"wall_time_ratio <= {GOAL_RATIO} and bio conservation no lower",
-                  "elbo_definition": ELBO_DEFINITION, "cpu_count": os.cpu_count(), "datasets": {}}
+                  "elbo_definition": ELBO_DEFINITION, "streamtotal_train_options": train_options(args.train_option),
+                  "stop_at_target": args.stop_at_target, "scvi_result_reused_from": args.scvi_result,
+                  "cpu_count": os.cpu_count(), "datasets": {}}
         for name in names:
             work = root / name
             print(f"[{name}] preparing data", file=sys.stderr, flush=True)
             meta = prepare(name, args, work)
             print(f"[{name}] scvi-tools TOTALVI ({meta['cells']} cells)", file=sys.stderr, flush=True)
-            scvi = _spawn(args, work, "scvi")
+            scvi = _reused_scvi(args, name, meta) if args.scvi_result else _spawn(args, work, "scvi")
             print(f"[{name}] scvi-tools: {scvi['wall_seconds']:.1f} s, {scvi['epochs']} epochs, validation -ELBO "
                   f"{scvi['val_neg_elbo']:.2f}; streamtotal", file=sys.stderr, flush=True)
             st = _spawn(args, work, "streamtotal", target=scvi["val_neg_elbo"])

@@ -12,16 +12,22 @@ import math
 
 from streamtotal.errors import ConfigError
 
-DEFAULT_WARMUP_FRACTION = 0.75
-"""Default warm-up length as a fraction of the planned steps (the train config's default too). For
-reference, scvi-tools' rule on the data sizes it was tuned for (<= 20k cells, 400 epochs, batch 256) ends at
-~48% of training; at 40k cells it already never ends."""
+TOTALVI_WARMUP_FRACTION = 0.15
+"""totalVI's default warm-up length as a fraction of the planned steps (``TrainConfig.kl_warmup_fraction`` unset).
+For reference, scvi-tools' rule on the data sizes it was tuned for (<= 20k cells, 400 epochs, batch 256) ends at
+~48% of training, and at 40k cells it never ends; a long warm-up keeps the objective away from the ELBO for most
+of the run: with this one the ELBO scvi-tools ends at is reached in about a quarter of the epochs
+(benchmarks/time_to_quality.py)."""
+
+TOTALANVI_WARMUP_FRACTION = 0.75
+"""totalANVI's default: its label classifier transferred labels best with the long warm-up
+(benchmarks/label_transfer.py)."""
 
 
 def kl_weight(
     step: int,
     total_steps: int,
-    warmup_fraction: float = DEFAULT_WARMUP_FRACTION,
+    warmup_fraction: float = TOTALVI_WARMUP_FRACTION,
     max_weight: float = 1.0,
     min_weight: float = 0.0,
 ) -> float:

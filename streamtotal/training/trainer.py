@@ -124,13 +124,13 @@ def _set_numpy_rng_state(state: dict | tuple) -> None:
 
 
 def _resolve_train_defaults(config: RunConfig, saved: RunConfig | None) -> RunConfig:
-    """``config`` with an unset batch size and learning rate filled in: from the checkpoint's config ``saved`` when
-    resuming (a run started before a change of those defaults resumes as it was trained), else from the model's
-    defaults (``TrainConfig.resolved_for``)."""
+    """``config`` with an unset batch size, learning rate and KL warm-up filled in: from the checkpoint's config
+    ``saved`` when resuming (a run started before a change of those defaults resumes as it was trained), else from
+    the model's defaults (``TrainConfig.resolved_for``)."""
     train = config.train
     if saved is not None:
-        train = replace(train, batch_size=saved.train.batch_size if train.batch_size is None else train.batch_size,
-                        lr=saved.train.lr if train.lr is None else train.lr)
+        unset = ("batch_size", "lr", "kl_warmup_fraction")
+        train = replace(train, **{k: getattr(saved.train, k) for k in unset if getattr(train, k) is None})
     return replace(config, train=train.resolved_for(config.model))
 
 

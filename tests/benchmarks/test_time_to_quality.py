@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "time_to_quality.py"
 PBMC = REPO / ".." / "shared" / "data" / "pbmc10k_cite.h5ad"
@@ -53,12 +55,24 @@ def _check_dataset(entry: dict, cap: int) -> None:
     assert goal["both"] == (goal["wall_time_ratio_at_most_0.2"] and goal["bio_conservation_no_lower"])
 
 
-def test_quick_run_prints_one_consistent_json_object(tmp_path):
-    datasets = "pbmc10k,simulated_100k" if PBMC.exists() else "simulated_100k"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--datasets", datasets, "--workdir",
-                           str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+DATASETS = "pbmc10k,simulated_100k" if PBMC.exists() else "simulated_100k"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One smoke run of both methods: its report and work directory."""
+    work = tmp_path_factory.mktemp("ttq")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--datasets", DATASETS, "--workdir", str(work)],
+                          capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout)  # the whole of stdout is one JSON object; progress went to stderr
+    report_path = work / "report.json"
+    report_path.write_text(proc.stdout)
+    return json.loads(proc.stdout), report_path, work  # stdout is one JSON object; progress went to stderr
+
+
+def test_quick_run_prints_one_consistent_json_object(quick_run):
+    report, _, tmp_path = quick_run
+    datasets = DATASETS
     assert report["benchmark"] == "time_to_quality" and report["quick"] is True
     assert set(report["datasets"]) == set(datasets.split(","))
     for entry in report["datasets"].values():
@@ -67,6 +81,37 @@ def test_quick_run_prints_one_consistent_json_object(tmp_path):
     # script stops with an error otherwise).
     for name in report["datasets"]:
         assert (tmp_path / name / "val_ids.npy").is_file()
+
+
+def test_exploring_other_settings_reuses_the_peer_and_records_the_options(quick_run, tmp_path):
+    """``--scvi-result`` reuses scvi-tools' entry (refused for other data); ``--train-option`` reaches the Trainer
+    (a KL warm-up of 0 makes the first epoch train the full ELBO, visible in metrics.jsonl); ``--stop-at-target``
+    ends the run at the reached epoch."""
+    report, report_path, _ = quick_run
+    args = [sys.executable, str(SCRIPT), "--quick", "--datasets", "simulated_100k", "--scvi-result",
+            str(report_path), "--workdir", str(tmp_path)]
+    proc = subprocess.run(args + ["--train-option", "kl_warmup_fraction=0", "--stop-at-target"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    again = json.loads(proc.stdout)
+    assert again["streamtotal_train_options"] == {"kl_warmup_fraction": 0}
+    assert again["stop_at_target"] is True and again["scvi_result_reused_from"] == str(report_path)
+    entry = again["datasets"]["simulated_100k"]
+    earlier = report["datasets"]["simulated_100k"]["scvi_tools"]
+    assert entry["scvi_tools"] == {**earlier, "reused": True}
+    _check_dataset(entry, again["max_epochs_cap"])
+    if entry["streamtotal"]["epoch_reached"] is not None:
+        assert entry["streamtotal"]["full_run"]["epochs"] == entry["streamtotal"]["epoch_reached"]
+    steps = [json.loads(line) for line in (tmp_path / "simulated_100k" / "streamtotal_run" / "metrics.jsonl")
+             .read_text().splitlines()]
+    weights = [row["kl_weight"] for row in steps if row.get("kind") == "train"]
+    assert weights and all(w == 1.0 for w in weights)
+
+    # Another seed is another split: the earlier scvi-tools entry does not describe it.
+    proc = subprocess.run(args + ["--seed", "1"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0 and "--scvi-result" in proc.stderr
+    proc = subprocess.run(args + ["--train-option", "warmup=0.5"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0 and "warmup=0.5" in proc.stderr
 
 
 def test_unknown_dataset_is_refused():

@@ -50,11 +50,12 @@ def test_learning_rate_follows_the_documented_global_batch_rule():
 
 
 def test_unset_batch_size_and_lr_follow_the_model_like_the_reference_implementation():
-    assert TrainConfig().resolved_for(ModelConfig()) == TrainConfig(batch_size=256, lr=4e-3)
-    assert TrainConfig().resolved_for(ModelConfig(label_classifier=True)) == TrainConfig(batch_size=128, lr=1e-3)
-    # Set values win whatever the model.
-    assert TrainConfig(batch_size=64, lr=0.5).resolved_for(ModelConfig(label_classifier=True)) == TrainConfig(
-        batch_size=64, lr=0.5)
+    assert TrainConfig().resolved_for(ModelConfig()) == TrainConfig(batch_size=256, lr=4e-3, kl_warmup_fraction=0.15)
+    assert TrainConfig().resolved_for(ModelConfig(label_classifier=True)) == TrainConfig(
+        batch_size=128, lr=1e-3, kl_warmup_fraction=0.75)
+    # Set values win whatever the model (a warm-up of 0 is set, not unset).
+    assert TrainConfig(batch_size=64, lr=0.5, kl_warmup_fraction=0.0).resolved_for(
+        ModelConfig(label_classifier=True)) == TrainConfig(batch_size=64, lr=0.5, kl_warmup_fraction=0.0)
     # A totalANVI flag given after a totalVI base config still gets totalANVI's defaults: nothing is resolved early.
     cfg = RunConfig(data=DataConfig(labels_key="cell_type")).with_overrides({"model": {"label_classifier": True}})
     assert cfg.train.resolved_for(cfg.model).lr == 1e-3

@@ -36,6 +36,45 @@ def test_resume_falls_back_past_a_truncated_newest_checkpoint_and_stays_exact(sm
         assert torch.equal(value, full[name]), f"{name} differs from the uninterrupted run"
 
 
+def test_a_run_started_before_the_warm_up_default_changed_resumes_with_its_own_schedule(small_store, run_config,
+                                                                                    tmp_path):
+    """Checkpoints record the resolved warm-up. A run trained with 0.75 (the default before it became per model)
+    resumed from a config that leaves it unset keeps 0.75: the weights equal an uninterrupted 0.75 run, not a
+    0.15 one; a fresh run with it unset trains totalVI's 0.15."""
+    old = run_config(small_store, kl_warmup_fraction=0.75)
+    whole = tmp_path / "whole"
+    Trainer(old, whole).fit()
+    run = tmp_path / "run"
+    Trainer(old, run).fit(stop_after_steps=7)
+    unset = run_config(small_store)
+    assert unset.train.kl_warmup_fraction is None
+    resumed = Trainer(unset, run, resume=True)
+    assert resumed.config.train.kl_warmup_fraction == 0.75
+    resumed.fit()
+    expected = load_trained(whole).model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[name]), f"{name} differs from the uninterrupted 0.75 run"
+
+    fresh = Trainer(unset, tmp_path / "fresh")
+    assert fresh.config.train.kl_warmup_fraction == 0.15
+    fresh.fit()
+    assert "kl_warmup_fraction = 0.15" in (tmp_path / "fresh" / "config.toml").read_text()
+    weights = [row["kl_weight"] for row in _metrics(tmp_path / "fresh") if row.get("kind") == "train"]
+    steps = [row["step"] for row in _metrics(tmp_path / "fresh") if row.get("kind") == "train"]
+    total = fresh.total_steps
+    # kl_weight(step) is logged after the step is taken: linear up to floor(0.15 * total) steps, then 1.
+    for step, weight in zip(steps, weights):
+        taken = step - 1
+        warm = int(0.15 * total)
+        assert weight == pytest.approx(min(1.0, taken / warm)), (step, weight)
+
+
+def _metrics(run) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_a_checkpoint_that_would_run_code_is_never_skipped(tmp_path):
     good = {"format": "streamtotal-checkpoint", "step": 3}
     torch.save(good, tmp_path / "ckpt-0000000003.pt")
