@@ -90,3 +90,27 @@ def test_ingest_writes_object_storage_chunks_to_s3_and_cli_chunk_cells_sets_them
     assert main(["ingest", str(tmp_path / "study.h5ad"), "--out", str(tmp_path / "bad.zarr"), "--chunk-cells",
                  "0", "--no-progress"]) == 2
     assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_a_store_with_object_storage_chunks_reads_cell_for_cell_like_the_default_layout(tmp_path, cite):
+    """The layout is storage only: the same h5ad ingested with 64-cell and with 1,024-cell chunks streams the same
+    batches under the same stream settings, and every cell's row is the same."""
+    data = cite.make_cite(n=2500, n_genes=50, n_proteins=7, seed=9)
+    cite.write_h5ad(tmp_path / "study.h5ad", data)
+    small, large = tmp_path / "small.zarr", tmp_path / "large.zarr"
+    # min_chunk_elements small: on this little data the default floor of 16,384 entries would make both alike.
+    for path, cells in ((small, 64), (large, OBJECT_STORAGE_CHUNK_CELLS)):
+        ingest(tmp_path / "study.h5ad", path, batch_key="batch", progress=False,
+               layout=StoreLayoutConfig(chunk_cells=cells, min_chunk_elements=8))
+    big_chunk, small_chunk = (ZarrSource(path)._rna.chunk_cells for path in (large, small))
+    assert big_chunk >= 8 * small_chunk  # ~1,024 vs ~64 cells a stored RNA chunk
+    config = StreamConfig(batch_size=128, seed=1, chunk_size=100, io_chunks=8)
+    for x, y in zip(_loader(ZarrSource(small), config), _loader(ZarrSource(large), config), strict=True):
+        for field in ("rna", "protein", "protein_mask", "batch", "cell_id"):
+            assert torch.equal(getattr(x, field), getattr(y, field)), field
+    ids = np.sort(np.random.default_rng(0).permutation(2500)[:700])
+    a = Collection([ZarrSource(small)], batch_key="batch").read(ids)
+    b = Collection([ZarrSource(large)], batch_key="batch").read(ids)
+    for field in ("rna", "protein", "protein_mask", "batch", "cell_id"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert a.rna.sum() > 0 and np.array_equal(a.cell_id.numpy(), ids)
