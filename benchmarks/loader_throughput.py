@@ -6,7 +6,7 @@ own, one after the other, so they do not compete for cores:
 
 - streamtotal from a local Zarr store, a backed h5ad file, a TileDB-SOMA Experiment and a LaminDB collection (when
   those backends are installed);
-- object storage: the Zarr store as ingested for object storage (``ingest --out s3://...``: 1,024-cell chunks, each
+- object storage: the Zarr store as ingested for object storage (``ingest --out s3://...``: 2,048-cell chunks, each
   one request; also measured on local disk), the default Zarr store (64-cell chunks, through the proxy only: what
   object storage costs without that layout) and the SOMA Experiment on S3 (a moto server on 127.0.0.1, in its own
   process), read directly and through ``latency_proxy.LatencyProxy`` (``--s3-latency-ms``, 20 ms per request by default: real
@@ -72,7 +72,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
     del adata
     ingest(work / "data.h5ad", work / "data.zarr", batch_key="batch", progress=False, overwrite=True)
     # What a store on object storage is: ingested there (`ingest --out s3://...`), or locally with
-    # `--chunk-cells 1024` and uploaded; its chunks are ~1,024 cells, as each one costs a request.
+    # `--chunk-cells 2048` and uploaded; its chunks are ~2,048 cells, as each one costs a request.
     ingest(work / "data.h5ad", work / "data_object_layout.zarr", batch_key="batch", progress=False, overwrite=True,
            layout=StoreLayoutConfig.for_destination("s3://bench/data.zarr"))
     made = {"zarr": str(work / "data.zarr"), "zarr_object_layout": str(work / "data_object_layout.zarr"),

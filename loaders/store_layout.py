@@ -75,10 +75,19 @@ DENSE_ENCODING = {"encoding-type": "array", "encoding-version": "0.2.0"}
 DICT_ENCODING = {"encoding-type": "dict", "encoding-version": "0.1.0"}
 
 
-OBJECT_STORAGE_CHUNK_CELLS = 1024
+OBJECT_STORAGE_CHUNK_CELLS = 2048
 """Cells per chunk of a store written for object storage. There every chunk is one request, and a request costs
-10-50 ms of latency and a few ms of client and server CPU whatever its size, so chunks of ~1 MB (1,024 cells at
-~250 non-zeros) are what streams fast; the loader then reads runs of as many cells (``StreamConfig.chunk_size``)."""
+10-50 ms of latency and a few ms of client and server CPU whatever its size, so chunks of ~1-2 MB stored (2,048 cells
+at ~800 non-zeros, lz4) are what streams fast; the loader then reads runs of as many cells
+(``StreamConfig.chunk_size``). 2,048 rather than 1,024: a run of a stored chunk's cells touches ~2 chunks of X data
+and of X indices (cells do not end on chunk boundaries) and one of proteins, so halving the chunks per cell halves
+the requests; through a 20 ms proxy to moto on 2 cores that took a shuffled epoch from ~22,000 to ~40,000 cells/s
+(``benchmarks/loader_throughput.py --object-storage-only``)."""
+
+MAX_CHUNK_ELEMENTS_PER_CELL = 2048
+"""``for_destination`` caps elements per chunk at ``max(1 << 20, chunk_cells * this)``: dense or very deep data
+still gets chunks of at most ~8 KiB a cell (16 MiB for 2,048 cells) uncompressed, while ordinary data keeps its
+chunk of ``chunk_cells`` cells however large ``chunk_cells`` is."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +131,8 @@ class StoreLayoutConfig:
     @classmethod
     def for_destination(cls, out_path, chunk_cells: int | None = None) -> StoreLayoutConfig:
         """The layout for a store written to ``out_path``: ``chunk_cells`` when given, else 64 cells per chunk on
-        local disk and ``OBJECT_STORAGE_CHUNK_CELLS`` on object storage (an ``s3://``-style URL).
+        local disk and ``OBJECT_STORAGE_CHUNK_CELLS`` on object storage (an ``s3://``-style URL); chunks of at most
+        ``max(1 << 20, chunk_cells * MAX_CHUNK_ELEMENTS_PER_CELL)`` elements.
 
         Raises:
             ValueError: ``chunk_cells`` below 1.
@@ -131,7 +141,10 @@ class StoreLayoutConfig:
 
         if chunk_cells is None:
             chunk_cells = OBJECT_STORAGE_CHUNK_CELLS if is_url(out_path) else cls.chunk_cells
-        return cls(chunk_cells=int(chunk_cells))
+        chunk_cells = int(chunk_cells)
+        # The default cap (1 Mi elements) would cut a 2,048-cell chunk of ~800 non-zeros a cell to ~1,300 cells.
+        return cls(chunk_cells=chunk_cells,
+                   max_chunk_elements=max(cls.max_chunk_elements, chunk_cells * MAX_CHUNK_ELEMENTS_PER_CELL))
 
     def compressor(self) -> numcodecs.Blosc | None:
         """Returns the numcodecs compressor for every array of the store (None: uncompressed)."""

@@ -34,9 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-non-integer", action="store_true",
                    help="accept non-integer counts (e.g. ambient-corrected); NaN and negatives are still refused")
     p.add_argument("--chunk-cells", type=int, default=None,
-                   help="zarr: cells per stored chunk (default 64 on local disk, 1024 when --out is on object "
+                   help="zarr: cells per stored chunk (default 64 on local disk, 2048 when --out is on object "
                    "storage, where each chunk is one request; a store for S3 written locally and uploaded should "
-                   "use 1024 too)")
+                   "use 2048 too)")
     p.add_argument("--overwrite", action="store_true", help="replace the output store if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)

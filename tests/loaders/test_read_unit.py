@@ -1,4 +1,4 @@
-"""Stores for object storage: ingest writes ~1,024-cell chunks there, and streams left to their defaults read runs
+"""Stores for object storage: ingest writes ~2,048-cell chunks there, and streams left to their defaults read runs
 of a stored chunk's cells from it (each chunk is one request), 64-cell runs from local disk (issue 18, part 1)."""
 
 import numpy as np
@@ -9,8 +9,8 @@ import zarr
 from loaders import Collection, StreamConfig, StreamLoader, ZarrSource
 from loaders.errors import ConfigError
 from loaders.ingest import ingest
-from loaders.read_unit import default_io_chunks
-from loaders.store_layout import OBJECT_STORAGE_CHUNK_CELLS, StoreLayoutConfig
+from loaders.read_unit import DEFAULT_IO_CELLS, MAX_IO_CELLS, MIN_RUNS_PER_GROUP, default_io_chunks
+from loaders.store_layout import MAX_CHUNK_ELEMENTS_PER_CELL, OBJECT_STORAGE_CHUNK_CELLS, StoreLayoutConfig
 from streamtotal.cli.main import main
 
 LAYOUT = StoreLayoutConfig(chunk_cells=100, min_chunk_elements=8)
@@ -60,6 +60,17 @@ def test_remote_streams_read_runs_of_a_stored_chunk_and_local_ones_64(stores, s3
     assert np.array_equal(np.sort(np.concatenate(ids)), np.arange(700))
 
 
+def test_io_groups_hold_32_runs_and_4096_cells_without_passing_32768_cells_of_long_runs():
+    """Local 64-cell runs: 64 a group. Object storage: 32 runs of 1,024 cells (stores ingested before 2,048 became
+    the default stream as they did), 16 of 2,048, 8 of 4,096: the memory bound never passes 32,768 cells."""
+    assert [default_io_chunks(c) for c in (64, 100, 1021, 1024, 2042, 2048, 4096)] == [64, 41, 32, 32, 16, 16, 8]
+    for chunk in range(1, 4097):
+        runs = default_io_chunks(chunk)
+        assert runs * chunk >= DEFAULT_IO_CELLS  # enough cells to mix
+        assert runs * chunk <= max(MAX_IO_CELLS, DEFAULT_IO_CELLS + chunk)  # the memory bound
+        assert runs >= min(MIN_RUNS_PER_GROUP, MAX_IO_CELLS // chunk)  # as many places as the bound allows
+
+
 def test_unresolved_sizes_are_refused_where_a_number_is_needed():
     with pytest.raises(ConfigError, match="resolved"):
         StreamConfig().io_cells
@@ -70,8 +81,14 @@ def test_unresolved_sizes_are_refused_where_a_number_is_needed():
 def test_ingest_writes_object_storage_chunks_to_s3_and_cli_chunk_cells_sets_them(tmp_path, s3_server, cite,
                                                                                 monkeypatch):
     assert StoreLayoutConfig.for_destination(tmp_path / "a.zarr").chunk_cells == 64
-    assert StoreLayoutConfig.for_destination("s3://b/a.zarr").chunk_cells == OBJECT_STORAGE_CHUNK_CELLS == 1024
+    assert StoreLayoutConfig.for_destination("s3://b/a.zarr").chunk_cells == OBJECT_STORAGE_CHUNK_CELLS == 2048
     assert StoreLayoutConfig.for_destination("s3://b/a.zarr", 256).chunk_cells == 256
+    # Chunks of many cells are not cut down by the element cap meant for dense data: 2,048 cells at up to 2,048
+    # elements a cell; the local default keeps the 1 Mi cap.
+    assert StoreLayoutConfig.for_destination("s3://b/a.zarr").max_chunk_elements == 2048 * MAX_CHUNK_ELEMENTS_PER_CELL
+    assert StoreLayoutConfig.for_destination(tmp_path / "a.zarr").max_chunk_elements == 1 << 20
+    assert StoreLayoutConfig.for_destination(tmp_path / "a.zarr").nnz_chunk(800.0) == 64 * 800
+    assert StoreLayoutConfig.for_destination("s3://b/a.zarr").nnz_chunk(800.0) == 2048 * 800
     # Proteins (6 columns) are stored in chunks of max(chunk_cells, 16,384 / 6) rows: 4,096 shows the setting.
     data = cite.make_cite(n=300, n_genes=40, n_proteins=6, seed=1)
     cite.write_h5ad(tmp_path / "study.h5ad", data)
@@ -80,7 +97,7 @@ def test_ingest_writes_object_storage_chunks_to_s3_and_cli_chunk_cells_sets_them
     ingest(tmp_path / "study.h5ad", f"s3://{bucket}/s.zarr", batch_key="batch", progress=False)
     on_s3 = zarr.open_group(f"s3://{bucket}/s.zarr", mode="r", storage_options=s3_server.storage_options())
     mean_nnz = on_s3["X/indptr"][-1] / 300
-    assert on_s3["X/data"].chunks[0] == max(16_384, round(mean_nnz * 1024))
+    assert on_s3["X/data"].chunks[0] == max(16_384, round(mean_nnz * OBJECT_STORAGE_CHUNK_CELLS))
     assert main(["ingest", str(tmp_path / "study.h5ad"), "--out", str(tmp_path / "big.zarr"), "--chunk-cells",
                  "4096", "--no-progress"]) == 0
     assert main(["ingest", str(tmp_path / "study.h5ad"), "--out", str(tmp_path / "default.zarr"),
@@ -93,7 +110,7 @@ def test_ingest_writes_object_storage_chunks_to_s3_and_cli_chunk_cells_sets_them
 
 
 def test_a_store_with_object_storage_chunks_reads_cell_for_cell_like_the_default_layout(tmp_path, cite):
-    """The layout is storage only: the same h5ad ingested with 64-cell and with 1,024-cell chunks streams the same
+    """The layout is storage only: the same h5ad ingested with 64-cell and with 2,048-cell chunks streams the same
     batches under the same stream settings, and every cell's row is the same."""
     data = cite.make_cite(n=2500, n_genes=50, n_proteins=7, seed=9)
     cite.write_h5ad(tmp_path / "study.h5ad", data)
@@ -103,7 +120,7 @@ def test_a_store_with_object_storage_chunks_reads_cell_for_cell_like_the_default
         ingest(tmp_path / "study.h5ad", path, batch_key="batch", progress=False,
                layout=StoreLayoutConfig(chunk_cells=cells, min_chunk_elements=8))
     big_chunk, small_chunk = (ZarrSource(path)._rna.chunk_cells for path in (large, small))
-    assert big_chunk >= 8 * small_chunk  # ~1,024 vs ~64 cells a stored RNA chunk
+    assert big_chunk >= 8 * small_chunk  # ~2,048 vs ~64 cells a stored RNA chunk
     config = StreamConfig(batch_size=128, seed=1, chunk_size=100, io_chunks=8)
     for x, y in zip(_loader(ZarrSource(small), config), _loader(ZarrSource(large), config), strict=True):
         for field in ("rna", "protein", "protein_mask", "batch", "cell_id"):
