@@ -48,4 +48,4 @@ def default_io_chunks(chunk_size: int) -> int:
     """Runs per I/O group: at least ``DEFAULT_IO_CELLS`` cells, and ``MIN_RUNS_PER_GROUP`` runs where that stays
     within ``MAX_IO_CELLS`` cells (64 x 64 locally; 32 x 1,024 and 16 x 2,048 on object storage)."""
     chunk_size = int(chunk_size)
-    return max(1, -(-DEFAULT_IO_CELLS // chunk_size), min(MIN_RUNS_PER_GROUP, MAX_IO_CELLS // chunk_size))
+    return max(-(-DEFAULT_IO_CELLS // chunk_size), min(MIN_RUNS_PER_GROUP, MAX_IO_CELLS // chunk_size))

@@ -80,7 +80,7 @@ S3_READ_CONFIG_DEFAULTS = {"sm.io_concurrency_level": "32", "vfs.s3.max_parallel
 VM), so a read of tiles scattered over a store waited one round trip (10-50 ms on S3) per pair of tiles; I/O threads
 mostly wait on the network, so many cost little CPU. With that many threads, memory freed after a read stays in
 their malloc arenas unless the heap is trimmed: untrimmed, a shuffled epoch of 100,000 x 2,000 cells from S3 peaked
-at 1.7-2.4 GiB, trimmed at 0.84-0.94 GiB at the same speed (the trim costs little beside a read over the network)."""
+at 1.7-2.4 GiB, trimmed at 0.84-0.96 GiB at the same speed (the trim costs little beside a read over the network)."""
 
 
 def read_context(context, uri: str = "") -> tiledbsoma.SOMATileDBContext:

@@ -81,8 +81,8 @@ OBJECT_STORAGE_CHUNK_CELLS = 2048
 at ~800 non-zeros, lz4) are what streams fast; the loader then reads runs of as many cells
 (``StreamConfig.chunk_size``). 2,048 rather than 1,024: a run of a stored chunk's cells touches ~2 chunks of X data
 and of X indices (cells do not end on chunk boundaries) and one of proteins, so halving the chunks per cell halves
-the requests; through a 20 ms proxy to moto on 2 cores that took a shuffled epoch from ~22,000 to ~40,000 cells/s
-(``benchmarks/loader_throughput.py --object-storage-only``)."""
+the requests; through a 20 ms proxy to moto on 2 cores that took a shuffled epoch of 100,000 cells from
+18,352-20,345 to 26,821-32,447 cells/s (``benchmarks/loader_throughput.py --object-storage-only``)."""
 
 MAX_CHUNK_ELEMENTS_PER_CELL = 2048
 """``for_destination`` caps elements per chunk at ``max(1 << 20, chunk_cells * this)``: dense or very deep data

@@ -120,8 +120,8 @@ class TrainConfig:
     cells per stored chunk (2,048 for stores ingested for S3), since each stored chunk costs one request."""
     io_chunks: int | None = None
     """Chunks read per I/O batch; rows are shuffled in memory within it. Unset = at least 4,096 cells, and 32 chunks
-    where that stays within 32,768 cells (64 of 64 cells; on object storage 16 of 2,048, 32 of 1,024). Memory: (prefetch_batches + 1) x io_chunks x
-    chunk_size cells per reader."""
+    where that stays within 32,768 cells (64 of 64 cells; on object storage 16 of 2,048, 32 of 1,024). Memory:
+    (prefetch_batches + 1) x io_chunks x chunk_size cells per reader."""
     num_workers: int = 0
     """DataLoader worker processes (0 = read in a background thread of the main process)."""
     prefetch_batches: int | None = None
